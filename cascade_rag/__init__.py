@@ -1,0 +1,1 @@
+"""cascade-rag: RAG with chunk-cached KV and multi-level cascade attention."""

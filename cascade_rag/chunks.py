@@ -256,6 +256,7 @@ class ChunkRegistry:
         type: ChunkType = ChunkType.CONTEXT,
         text: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        acquire: bool = False,
     ) -> Chunk:
         """Return the chunk for these token ids, adding it if new (a miss) or reusing it (a hit).
 
@@ -268,6 +269,8 @@ class ChunkRegistry:
             type: what the chunk is for; a `ChunkType` or its value string.
             text: the text the tokens came from, kept for display; not hashed.
             metadata: extras such as {"source": path}; copied, read-only, not hashed.
+            acquire: also take a reference, atomically: with threads, a separate `acquire`
+                after `register` can find the chunk already evicted by another registration.
 
         Raises:
             ValueError: empty token ids, an id outside [0, 2**63), or an unknown type.
@@ -302,6 +305,8 @@ class ChunkRegistry:
                     )
                 self._hits += 1
                 self._touch(chunk_id)
+                if acquire:
+                    self._add_ref(chunk_id)
                 return existing
             chunk = Chunk(
                 id=chunk_id,
@@ -320,6 +325,8 @@ class ChunkRegistry:
             finally:
                 if chunk_id in self._chunks and chunk_id not in self._refcounts:
                     self._lru[chunk_id] = None
+            if acquire:
+                self._add_ref(chunk_id)
             return chunk
 
     def get(self, chunk_id: str) -> Chunk:
@@ -353,10 +360,7 @@ class ChunkRegistry:
         """
         with self._lock:
             chunk = self._lookup(chunk_id)
-            count = self._refcounts.get(chunk_id, 0)
-            if count == 0:
-                self._lru.pop(chunk_id, None)
-            self._refcounts[chunk_id] = count + 1
+            self._add_ref(chunk_id)
             return chunk
 
     def release(self, chunk_id: str) -> None:
@@ -444,6 +448,12 @@ class ChunkRegistry:
         if chunk is None:
             raise UnknownChunkError(chunk_id)
         return chunk
+
+    def _add_ref(self, chunk_id: str) -> None:
+        count = self._refcounts.get(chunk_id, 0)
+        if count == 0:
+            self._lru.pop(chunk_id, None)
+        self._refcounts[chunk_id] = count + 1
 
     def _touch(self, chunk_id: str) -> None:
         if chunk_id in self._lru:  # referenced chunks count as used until released

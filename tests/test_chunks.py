@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -218,6 +219,17 @@ def test_eviction_never_removes_referenced_chunks() -> None:
     assert list(registry.evict_unreferenced()) == [] and a.id in registry
 
 
+def test_register_with_acquire() -> None:
+    registry = ChunkRegistry(NS, capacity=1)
+    a = registry.register([1], acquire=True)
+    b = registry.register([2], acquire=True)  # a is referenced: both stay
+    assert registry.refcount(a.id) == registry.refcount(b.id) == 1
+    assert registry.register([1], acquire=True) is a and registry.refcount(a.id) == 2
+    assert registry.stats() == ChunkStats(
+        num_chunks=2, num_tokens=2, hits=1, misses=2, evictions=0, referenced=2
+    )
+
+
 def test_capacity_exceeded_when_all_referenced() -> None:
     registry = ChunkRegistry(NS, capacity=2)
     held = [registry.register([i]) for i in range(2)]
@@ -262,37 +274,35 @@ def fast_thread_switches():
     sys.setswitchinterval(old)
 
 
+def run_threads(worker, num_threads: int) -> None:
+    """Runs worker(0..num_threads-1) on their own threads; re-raises a worker's exception."""
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        for future in [pool.submit(worker, t) for t in range(num_threads)]:
+            future.result()
+
+
 @pytest.mark.usefixtures("fast_thread_switches")
 def test_concurrent_register_acquire_release() -> None:
     num_threads, num_rounds = 8, 200
     shared_ids = [[100, i] for i in range(5)]
     registry = ChunkRegistry(NS)
-    barrier = threading.Barrier(num_threads)
-    errors: list[BaseException] = []
+    barrier = threading.Barrier(num_threads, timeout=30)
     seen_ids: list[set[str]] = [set() for _ in range(num_threads)]
 
     def worker(t: int) -> None:
-        try:
-            barrier.wait()
-            for r in range(num_rounds):
-                shared = registry.register(shared_ids[r % len(shared_ids)])
-                own = registry.register([t, r])
-                for chunk in (shared, own):
-                    registry.acquire(chunk.id)
-                    assert registry.get(chunk.id) is chunk
-                    assert registry.refcount(chunk.id) >= 1
-                    seen_ids[t].add(chunk.id)
-                registry.release(shared.id)
-                registry.release(own.id)
-        except BaseException as e:  # reported by the main thread
-            errors.append(e)
+        barrier.wait()
+        for r in range(num_rounds):
+            shared = registry.register(shared_ids[r % len(shared_ids)])
+            own = registry.register([t, r])
+            for chunk in (shared, own):
+                registry.acquire(chunk.id)
+                assert registry.get(chunk.id) is chunk
+                assert registry.refcount(chunk.id) >= 1
+                seen_ids[t].add(chunk.id)
+            registry.release(shared.id)
+            registry.release(own.id)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(num_threads)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    run_threads(worker, num_threads)
 
     stats = registry.stats()
     distinct = set().union(*seen_ids)
@@ -309,15 +319,16 @@ def test_concurrent_eviction_never_drops_held_chunks() -> None:
     num_threads, num_rounds, capacity = 8, 200, 16
     evicted: list[str] = []
     registry = ChunkRegistry(NS, capacity=capacity, on_evict=evicted.append)
-    barrier = threading.Barrier(num_threads)
-    errors: list[BaseException] = []
+    barrier = threading.Barrier(num_threads, timeout=30)
 
     def worker(t: int) -> None:
-        try:
-            barrier.wait()
-            for r in range(num_rounds):
-                # Register and acquire are separate calls: another thread's registration may
-                # evict the chunk in between, which the caller sees as UnknownChunkError.
+        barrier.wait()
+        for r in range(num_rounds):
+            if r % 2:
+                chunk = registry.register([t, r % 40], acquire=True)
+            else:
+                # Separate calls: another thread's registration may evict the chunk in
+                # between, which the caller sees as UnknownChunkError.
                 while True:
                     chunk = registry.register([t, r % 40])
                     try:
@@ -325,19 +336,12 @@ def test_concurrent_eviction_never_drops_held_chunks() -> None:
                         break
                     except UnknownChunkError:
                         continue
-                registry.register([1000 + t, r])  # churn that forces evictions
-                assert chunk.id in registry  # held chunks survive any eviction
-                assert registry.get(chunk.id) is chunk
-                registry.release(chunk.id)
-        except BaseException as e:  # reported by the main thread
-            errors.append(e)
+            registry.register([1000 + t, r])  # churn that forces evictions
+            assert chunk.id in registry  # held chunks survive any eviction
+            assert registry.get(chunk.id) is chunk
+            registry.release(chunk.id)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(num_threads)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    run_threads(worker, num_threads)
 
     stats = registry.stats()
     assert stats.referenced == 0
@@ -383,9 +387,10 @@ class RegistryMachine(RuleBasedStateMachine):
         target=chunk_ids,
         token_ids=st.lists(st.integers(0, 3), min_size=1, max_size=3),
         chunk_type=st.sampled_from(ChunkType),
+        acquire=st.booleans(),
     )
-    def register(self, token_ids: list[int], chunk_type: ChunkType) -> str:
-        chunk = self.registry.register(token_ids, chunk_type)
+    def register(self, token_ids: list[int], chunk_type: ChunkType, acquire: bool) -> str:
+        chunk = self.registry.register(token_ids, chunk_type, acquire=acquire)
         assert chunk.token_ids == tuple(token_ids)
         if chunk.id in self.refcounts:
             self.hits += 1
@@ -400,6 +405,10 @@ class RegistryMachine(RuleBasedStateMachine):
             self.lru.append(chunk.id)
             others = [i for i in self.refcounts if i != chunk.id]
             assert len(self.registry) <= self.capacity or all(self.refcounts[i] for i in others)
+        if acquire:
+            if self.refcounts[chunk.id] == 0:
+                self.lru.remove(chunk.id)
+            self.refcounts[chunk.id] += 1
         return chunk.id
 
     @rule(chunk_id=chunk_ids)

@@ -1,0 +1,137 @@
+"""Group a step's sequences into cascade levels by the KV pages they share.
+
+Two sequences that hold the same page id at the same page index share that page's KV
+(kv_cache.py guarantees it), so the grouping works on page tables alone: sort sequences by
+their page tables, then recursively split the batch at the longest common run of pages.
+Each shared run becomes one entry of a shared (non-causal) level that all the group's
+queries read once; whatever a sequence does not share goes to the last, causal level.
+
+Only *full* pages that precede every query of a sequence may sit in a shared level (a
+shared level is not causal and a partial page would be read as full). This module builds
+index lists only; it does not touch the cache or compute attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cascade_rag.attention.metadata import CascadeLevel
+
+
+@dataclass
+class SeqView:
+    """What the planner needs to know of one sequence in the step.
+
+    page_table: page per page index over [0, kv_len); qo_len: new query rows (the last
+    positions); kv_len: keys after this step's writes.
+    """
+
+    page_table: list[int]
+    kv_len: int
+    qo_len: int
+
+    def num_shareable_pages(self, page_size: int) -> int:
+        return (self.kv_len - self.qo_len) // page_size
+
+
+def order_for_sharing(seqs: list[SeqView], page_size: int) -> list[int]:
+    """A batch order in which sequences sharing page runs are contiguous."""
+    keys = [tuple(s.page_table[: s.num_shareable_pages(page_size)]) for s in seqs]
+    return sorted(range(len(seqs)), key=lambda i: keys[i])
+
+
+def plan_levels(
+    seqs: list[SeqView], page_size: int, max_levels: int, device: torch.device | str = "cpu"
+) -> list[CascadeLevel]:
+    """Cascade levels for `seqs`, taken in the given order (query rows are laid out so).
+
+    Args:
+        seqs: sequences in batch order (use `order_for_sharing` first).
+        page_size: slots per page.
+        max_levels: 1 gives plain attention (one causal level, one entry per sequence);
+            n > 1 gives up to n - 1 shared levels plus the causal level.
+    Returns:
+        levels, the last one causal; every level covers every query row.
+    """
+    assert max_levels >= 1
+    q_offsets = [0]
+    for s in seqs:
+        q_offsets.append(q_offsets[-1] + s.qo_len)
+    shareable = [s.page_table[: s.num_shareable_pages(page_size)] for s in seqs]
+    # entries[level] = list of (qo_start, qo_end, pages, last_page_len)
+    entries: list[list[tuple[int, int, list[int], int]]] = [[] for _ in range(max_levels)]
+    last = max_levels - 1
+
+    def emit_last(i: int, start_page: int) -> None:
+        s = seqs[i]
+        pages = s.page_table[start_page:]
+        last_len = s.kv_len - (len(s.page_table) - 1) * page_size
+        assert pages and 0 < last_len <= page_size, "the last level holds the query's own keys"
+        entries[last].append((q_offsets[i], q_offsets[i + 1], pages, last_len))
+
+    def split(group: list[int], at: int) -> list[list[int]]:
+        """Consecutive runs of `group` with the same shareable page at index `at`."""
+        runs: list[list[int]] = []
+        prev = None
+        for i in group:
+            key = shareable[i][at] if at < len(shareable[i]) else None
+            if runs and key is not None and key == prev:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+            prev = key
+        return runs
+
+    def visit(group: list[int], level: int, start_page: int) -> None:
+        if level == last:
+            for i in group:
+                emit_last(i, start_page)
+            return
+        q_lo, q_hi = q_offsets[group[0]], q_offsets[group[-1] + 1]
+        if len(group) == 1:
+            entries[level].append((q_lo, q_hi, [], 0))
+            visit(group, level + 1, start_page)
+            return
+        lcp = 0
+        first = shareable[group[0]]
+        while start_page + lcp < len(first) and all(
+            start_page + lcp < len(shareable[i])
+            and shareable[i][start_page + lcp] == first[start_page + lcp]
+            for i in group[1:]
+        ):
+            lcp += 1
+        if lcp == 0:
+            for sub in split(group, start_page):
+                visit(sub, level, start_page)
+            return
+        pages = first[start_page : start_page + lcp]
+        entries[level].append((q_lo, q_hi, pages, page_size))
+        for sub in split(group, start_page + lcp):
+            visit(sub, level + 1, start_page + lcp)
+
+    if seqs:
+        visit(list(range(len(seqs))), 0, 0)
+    return [_to_level(e, causal=(lv == last), device=device) for lv, e in enumerate(entries)]
+
+
+def _to_level(entries, causal: bool, device) -> CascadeLevel:
+    qo_indptr, kv_indptr, kv_indices, last_lens = [0], [0], [], []
+    for q_lo, q_hi, pages, last_len in entries:
+        assert q_lo == qo_indptr[-1], "entries tile the query rows in order"
+        qo_indptr.append(q_hi)
+        kv_indices.extend(pages)
+        kv_indptr.append(len(kv_indices))
+        last_lens.append(last_len)
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.int64, device=device)
+
+    return CascadeLevel(
+        qo_indptr=t(qo_indptr),
+        kv_indptr=t(kv_indptr),
+        kv_indices=t(kv_indices),
+        kv_last_page_len=t(last_lens),
+        causal=causal,
+    )

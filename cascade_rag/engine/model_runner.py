@@ -1,0 +1,90 @@
+"""Run one step: lay out the ragged batch, plan attention once, run the model, sample.
+
+The runner turns the scheduler's `ScheduledSeq`s into flat tensors (input ids, positions,
+slots), orders the batch so that sequences sharing pages are contiguous, builds the cascade
+levels (or one plain level) into an `AttentionMetadata`, plans the attention backend once and
+runs the model, whose layers all reuse that plan. It returns next-token logits per sequence.
+It does not choose who runs (scheduler.py) and does not sample (sampling.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cascade_rag.attention import AttentionBackend
+from cascade_rag.attention.metadata import AttentionMetadata
+from cascade_rag.engine.cascade_plan import SeqView, order_for_sharing, plan_levels
+from cascade_rag.engine.kv_cache import PagePool
+from cascade_rag.engine.scheduler import ScheduledSeq
+
+
+class ModelRunner:
+    """Runs the model over the paged KV cache.
+
+    Args:
+        model: a `LlamaForCausalLM` (forward(input_ids, positions, kv_caches, attn) -> hidden,
+            compute_logits(hidden) -> logits).
+        pool: the page pool whose `kv_caches` the model reads and writes.
+        attn: the attention backend.
+        max_cascade_levels: 1 = plain attention; n > 1 = cascade with up to n - 1 shared levels.
+    """
+
+    def __init__(
+        self, model, pool: PagePool, attn: AttentionBackend, max_cascade_levels: int
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.attn = attn
+        self.max_cascade_levels = max_cascade_levels
+        self.device = pool.kv_caches[0][0].device
+
+    def build_metadata(self, batch: list[ScheduledSeq]) -> tuple[list[int], AttentionMetadata]:
+        """Batch order (indices into `batch`) and the step's attention metadata."""
+        size = self.pool.page_size
+        views = [SeqView(b.page_table, b.kv_len, b.qo_len) for b in batch]
+        order = order_for_sharing(views, size) if self.max_cascade_levels > 1 else list(
+            range(len(batch))
+        )
+        levels = plan_levels(
+            [views[i] for i in order], size, self.max_cascade_levels, device=self.device
+        )
+        slots: list[int] = []
+        copies: list[tuple[int, int]] = []
+        for i in order:
+            slots.extend(batch[i].slots)
+            copies.extend(batch[i].copies)
+        as_tensor = torch.tensor
+        metadata = AttentionMetadata(
+            page_size=size,
+            slot_mapping=as_tensor(slots, dtype=torch.int64, device=self.device),
+            copy_src=as_tensor([c[0] for c in copies], dtype=torch.int64, device=self.device),
+            copy_dst=as_tensor([c[1] for c in copies], dtype=torch.int64, device=self.device),
+            levels=levels,
+        )
+        return order, metadata
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """Forward the step; returns float32 logits [len(batch), vocab] in `batch` order."""
+        order, metadata = self.build_metadata(batch)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        last_rows: list[int] = []
+        for i in order:
+            b = batch[i]
+            input_ids.extend(b.seq.token_ids[b.q_start : b.kv_len])
+            positions.extend(range(b.q_start, b.kv_len))
+            last_rows.append(len(input_ids) - 1)
+        self.attn.plan(metadata)
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.int64, device=self.device),
+            torch.tensor(positions, dtype=torch.int64, device=self.device),
+            self.pool.kv_caches,
+            self.attn,
+        )
+        logits_sorted = self.model.compute_logits(
+            hidden[torch.tensor(last_rows, device=self.device)]
+        )
+        logits = torch.empty_like(logits_sorted)
+        logits[torch.tensor(order, device=self.device)] = logits_sorted
+        return logits

@@ -1,0 +1,253 @@
+"""Continuous batching over the chunk KV cache.
+
+Every step runs one forward pass over a ragged batch: each running sequence contributes its
+one pending token (decode) and newly admitted sequences contribute the prompt tokens that
+are not already cached (prefill); a sequence joins the batch as soon as it fits and leaves
+as soon as it finishes. Admission walks the chunk prefix tree: cached nodes are pinned and
+reused, missing nodes are created and computed by the admitting sequence, and nodes created
+by an earlier sequence of the same step are reused too (all K/V of a layer is written before
+that layer's attention runs). When pages run out the cache evicts unused chunk nodes; when
+that is not enough the newest running sequence is preempted and recomputed later.
+
+The scheduler decides who runs and which positions each writes where; it does not build
+attention metadata or run the model (model_runner.py does).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from cascade_rag.engine.kv_cache import ChunkKVCache, ChunkNode, OutOfPagesError
+from cascade_rag.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step.
+
+    Attributes:
+        seq: the sequence.
+        q_start: first position computed by this step (positions [q_start, len(token_ids))).
+        slots: [num_new] flat cache slot where each new position's K/V is written.
+        copies: (src_slot, dst_slot) boundary-page copies to make before attention.
+        page_table: page per page index of the whole sequence after this step.
+    """
+
+    seq: Sequence
+    q_start: int
+    slots: list[int]
+    copies: list[tuple[int, int]]
+    page_table: list[int]
+
+    @property
+    def kv_len(self) -> int:
+        return len(self.seq.token_ids)
+
+    @property
+    def qo_len(self) -> int:
+        return self.kv_len - self.q_start
+
+
+@dataclass
+class StepPlan:
+    """What one step computes.
+
+    `created`: nodes it computes for the first time; `preempted`: sequences sent back to
+    wait; `failed`: sequences that cannot continue (alone, they outgrew the page pool).
+    """
+
+    scheduled: list[ScheduledSeq]
+    created: list[ChunkNode]
+    preempted: list[Sequence]
+    failed: list[Sequence]
+
+
+class Scheduler:
+    """FCFS continuous-batching scheduler.
+
+    Args:
+        kv: the chunk KV cache.
+        max_num_seqs: most sequences running at once.
+        max_num_batched_tokens: most new tokens per step (a single prompt larger than this
+            still runs, alone in its step's prefill part).
+    """
+
+    def __init__(self, kv: ChunkKVCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv
+        self.page_size = kv.page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ----------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        """Choose the sequences of the next step and reserve their pages."""
+        preempted: list[Sequence] = []
+        failed: list[Sequence] = []
+        decode: list[ScheduledSeq] = []
+        # running sequences first: each needs room for its one pending token
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted while making room for an older sequence
+            while not self._grow(seq):
+                victim = self._newest_running(exclude=seq)
+                if victim is None:  # alone and still no page: it outgrew the pool
+                    self.release(seq)
+                    failed.append(seq)
+                    break
+                self._preempt(victim)
+                preempted.append(victim)
+            else:
+                decode.append(self._decode_entry(seq))
+        decode = [d for d in decode if d.seq.status is SequenceStatus.RUNNING]
+
+        created: list[ChunkNode] = []
+        prefill: list[ScheduledSeq] = []
+        budget = self.max_num_batched_tokens - len(decode)
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if prefill and self._new_tokens_if_admitted(seq) > budget:
+                break
+            entry = self._admit(seq, created)
+            if entry is None:
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            prefill.append(entry)
+            budget -= entry.qo_len
+        return StepPlan(decode + prefill, created, preempted, failed)
+
+    def finish_step(self, plan: StepPlan, failed: bool) -> None:
+        """After the forward pass: publish or drop the nodes the step computed."""
+        if failed:
+            for entry in plan.scheduled:
+                self.release(entry.seq)
+            self.kv.discard(plan.created)
+        else:
+            self.kv.mark_ready(plan.created)
+            for entry in plan.scheduled:
+                entry.seq.num_kv = entry.kv_len
+
+    def release(self, seq: Sequence) -> None:
+        """Unpin a sequence's nodes and free its private pages (finish, abort, failure)."""
+        for node in seq.nodes:
+            self.kv.unpin(node)
+        self.kv.pool.free(seq.private_pages)
+        seq.nodes, seq.private_pages, seq.num_kv = [], [], 0
+        if seq in self.running:
+            self.running.remove(seq)
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _grow(self, seq: Sequence) -> bool:
+        """Make sure the private pages cover every position; False if no page is free."""
+        need = self.kv.pages_for(seq.chain_end, len(seq.token_ids)) - len(seq.private_pages)
+        if need <= 0:
+            return True
+        try:
+            seq.private_pages.extend(self.kv.alloc(need))
+        except OutOfPagesError:
+            return False
+        return True
+
+    def _decode_entry(self, seq: Sequence) -> ScheduledSeq:
+        pos = len(seq.token_ids) - 1
+        assert seq.num_kv == pos, "a running sequence has exactly one pending token"
+        return ScheduledSeq(
+            seq=seq,
+            q_start=pos,
+            slots=self._owner_slots(seq, [], pos, pos + 1),
+            copies=[],
+            page_table=seq.page_table(self.page_size),
+        )
+
+    def _newest_running(self, exclude: Sequence) -> Sequence | None:
+        for seq in reversed(self.running):
+            if seq is not exclude and seq.status is SequenceStatus.RUNNING:
+                return seq
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _new_tokens_if_admitted(self, seq: Sequence) -> int:
+        node, end = self.kv.root, 0
+        for chunk in seq.prompt.chunks:
+            child = node.children.get(chunk.id)
+            if child is None:
+                break
+            node, end = child, child.end
+        return len(seq.token_ids) - end
+
+    def _admit(self, seq: Sequence, created: list[ChunkNode]) -> ScheduledSeq | None:
+        """Pin/create the chain and allocate private pages; None (nothing held) if no room."""
+        node, nodes, mine = self.kv.root, [], []
+        q_start = None
+        try:
+            for chunk in seq.prompt.chunks:
+                child = self.kv.lookup(node, chunk)
+                if child is None:
+                    child = self.kv.create(node, chunk)
+                    mine.append(child)
+                    if q_start is None:
+                        q_start = child.start
+                self.kv.pin(child)
+                nodes.append(child)
+                node = child
+            seq.nodes = nodes
+            seq.private_pages = self.kv.alloc(self.kv.pages_for(node.end, len(seq.token_ids)))
+        except OutOfPagesError:
+            for n in nodes:
+                self.kv.unpin(n)
+            self.kv.discard(mine)
+            seq.nodes, seq.private_pages = [], []
+            return None
+        if q_start is None:
+            q_start = node.end
+        created.extend(mine)
+        seq.status = SequenceStatus.RUNNING
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = q_start
+            self.kv.hit_tokens += q_start
+            self.kv.miss_tokens += seq.num_prompt_tokens - q_start
+
+        copies: list[tuple[int, int]] = []
+        parent_page = None
+        for n in nodes:
+            if n in mine and n.start % self.page_size:
+                copies.extend(self.kv.boundary_copy(parent_page, n.pages[0], n.start))
+            parent_page = n.pages[-1] if n.pages else parent_page
+        if seq.private_pages and node.end % self.page_size:
+            copies.extend(self.kv.boundary_copy(parent_page, seq.private_pages[0], node.end))
+        return ScheduledSeq(
+            seq=seq,
+            q_start=q_start,
+            slots=self._owner_slots(seq, mine, q_start, len(seq.token_ids)),
+            copies=copies,
+            page_table=seq.page_table(self.page_size),
+        )
+
+    def _owner_slots(self, seq: Sequence, mine: list[ChunkNode], lo: int, hi: int) -> list[int]:
+        """Slots of positions [lo, hi) in the pages of the owner that computes them."""
+        size = self.page_size
+        owners = [(n.start, n.end, n.pages) for n in mine]
+        owners.append((seq.chain_end, len(seq.token_ids), seq.private_pages))
+        slots: list[int] = []
+        for start, end, pages in owners:
+            first = start // size
+            for pos in range(max(start, lo), min(end, hi)):
+                slots.append(pages[pos // size - first] * size + pos % size)
+        assert len(slots) == hi - lo, "every new position has exactly one owner"
+        return slots

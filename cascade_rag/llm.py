@@ -48,8 +48,9 @@ class CascadeEngine:
     """Local LLM engine with chunk-cached KV and cascade attention.
 
     Args:
-        model: model folder / `.safetensors` / `.gguf` path; None for the default
-            SmolLM2-135M-Instruct. Overrides `config.model` when given.
+        model: model folder / `.safetensors` / `.gguf` path, or a `LoadedModel` to share
+            one loaded model between engines; None for the default SmolLM2-135M-Instruct.
+            Overrides `config.model` when given.
         config: engine configuration; keyword arguments override its fields.
 
     Example:
@@ -62,19 +63,28 @@ class CascadeEngine:
     """
 
     def __init__(self, model=None, *, config: EngineConfig | None = None, **overrides) -> None:
-        from cascade_rag.models.loader import load_model
+        import torch
+
+        from cascade_rag.models.loader import LoadedModel, load_model
 
         config = config or EngineConfig()
-        if model is not None:
+        loaded = model if isinstance(model, LoadedModel) else None
+        if model is not None and loaded is None:
             overrides["model"] = model
         if overrides:
             config = replace(config, **overrides)
         self.config = config
-        import torch
-
         dtype = getattr(torch, config.dtype)
-        self.model = load_model(config.model, dtype=dtype, device=config.device,
-                                cache_dir=config.cache_dir)
+        if loaded is not None:
+            if loaded.model.dtype != dtype:
+                raise ValueError(
+                    f"the loaded model is {loaded.model.dtype} but the config asks {config.dtype}"
+                )
+            self.model = loaded
+        else:
+            self.model = load_model(
+                config.model, dtype=dtype, device=config.device, cache_dir=config.cache_dir
+            )
         self.tokenizer = self.model.tokenizer
         self.model_config = self.model.config
         mc_len = self.model_config.max_position_embeddings

@@ -1,0 +1,320 @@
+"""Llama-family decoder (Llama, SmolLM2, Qwen2, Qwen3) over a flat, ragged token batch.
+
+Parameter names equal Hugging Face's, so an HF state dict loads with `load_state_dict`.
+Numerics follow transformers' modeling code op for op (RMSNorm in float32, RoPE cos/sin from
+a float32 `inv_freq`, separate q/k/v projections, SiLU-gated MLP), so that greedy decoding on
+CPU in float32 matches transformers token for token.
+
+This module does not own the KV cache and does not compute attention: every layer rotates
+q and k itself and hands them to the attention backend (`cascade_rag.attention`), which writes
+the cache pages and attends. It has no sampling, batching or scheduling logic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Self
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cascade_rag.attention import AttentionBackend
+from cascade_rag.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as transformers computes it: statistics in float32, scale in the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.to(torch.float32)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        return self.weight * x.to(input_dtype)
+
+
+def compute_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """[head_dim // 2] float32 RoPE inverse frequencies on CPU, incl. llama3 scaling.
+
+    Same expressions as transformers' `_compute_default_rope_parameters` and
+    `_compute_llama3_parameters`, so the values are bitwise equal.
+    """
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    if config.rope_scaling is None:
+        return inv_freq
+    s = config.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_context_len = s["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low
+    high_freq_wavelen = old_context_len / high
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths are divided by factor, short ones kept, the band between interpolated
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed, inv_freq_llama)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables at arbitrary positions, computed once per forward and shared by all layers.
+
+    `inv_freq` stays float32 when the model is cast to another dtype (as in transformers);
+    only its device follows the model.
+    """
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self._inv_freq_cpu = compute_inv_freq(config)
+        self.register_buffer("inv_freq", self._inv_freq_cpu.clone(), persistent=False)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq = self._inv_freq_cpu.to(self.inv_freq.device)
+        return self
+
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # freqs: [num_tokens, head_dim // 2]; cos, sin: [num_tokens, head_dim]
+        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x: [num_tokens, num_heads, head_dim] by cos, sin: [num_tokens, head_dim]."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return (x * cos) + (_rotate_half(x) * sin)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_qo_heads = config.num_qo_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        q_size = config.num_qo_heads * config.head_dim
+        kv_size = config.num_kv_heads * config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
+        if config.qk_norm:  # Qwen3: per-head RMSNorm over head_dim, before RoPE
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden_size]
+        cos: torch.Tensor,  # [num_tokens, head_dim]
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_qo_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        k_cache, v_cache = kv_cache
+        out = attn.forward(q, k, v, k_cache, v_cache)  # [num_tokens, num_qo_heads, head_dim]
+        return self.o_proj(out.reshape(num_tokens, self.num_qo_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack without the LM head (HF's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        # Embedding's own init (normal_) on the meta device of `from_state_dict` costs a
+        # one-time ~0.4 s import of torch's Python decompositions: init only real tensors
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        if weight.device.type != "meta":
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, x.dtype)  # once per forward, shared by all layers
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, attn)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM over a flat token batch; parameter names equal Hugging Face's.
+
+    Inference only: parameters do not require grad. RoPE is applied here; the attention
+    backend writes the KV cache and attends (see `cascade_rag.attention.AttentionBackend`).
+
+    Args:
+        config: the architecture. Weights are randomly initialized; use `from_state_dict`
+            or `cascade_rag.models.loader.load_model` to get trained weights.
+
+    Example:
+        >>> model = LlamaForCausalLM.from_state_dict(config, hf_model.state_dict())
+        >>> attn.plan(metadata)  # once per step
+        >>> hidden = model(input_ids, positions, kv_caches, attn)  # [num_tokens, hidden_size]
+        >>> logits = model.compute_logits(hidden[last_rows])  # [rows, vocab_size] float32
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def tie_weights(self) -> None:
+        """Make lm_head share the embedding matrix when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        """Run the decoder over one step's flat token batch.
+
+        Args:
+            input_ids: [num_tokens] int64, the step's tokens of all sequences concatenated.
+            positions: [num_tokens] int64, each token's position in its whole request (RoPE).
+            kv_caches: one (k_cache, v_cache) per layer, each
+                [num_pages, page_size, num_kv_heads, head_dim]; passed through to `attn`.
+            attn: the attention backend, already planned for this step.
+
+        Returns:
+            [num_tokens, hidden_size] hidden states after the final norm, in the model dtype.
+        """
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} "
+                "must both be [num_tokens] (flatten the batch)"
+            )
+        if len(kv_caches) != self.config.num_layers:
+            raise ValueError(
+                f"got {len(kv_caches)} kv_caches, need one (k_cache, v_cache) per layer "
+                f"({self.config.num_layers})"
+            )
+        return self.model(input_ids, positions, kv_caches, attn)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[rows, hidden_size] hidden states -> [rows, vocab_size] float32 logits."""
+        return self.lm_head(hidden).float()
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: ModelConfig,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> LlamaForCausalLM:
+        """Build the model directly from an HF-named state dict, without random init.
+
+        Accepts checkpoints that omit `lm_head.weight` when embeddings are tied and drops
+        stale `rotary_emb.inv_freq` buffers of old checkpoints; every other key must match
+        exactly (strict loading).
+
+        Raises:
+            ValueError: tied embeddings but a different `lm_head.weight`, or missing /
+                unexpected keys.
+        """
+        sd = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+        if config.tie_word_embeddings:
+            embed = sd.get("model.embed_tokens.weight")
+            head = sd.get("lm_head.weight")
+            if head is not None and embed is not None and not torch.equal(head, embed):
+                raise ValueError(
+                    "tie_word_embeddings=True but lm_head.weight differs from "
+                    "model.embed_tokens.weight; fix the config or the checkpoint"
+                )
+            if embed is not None:
+                sd["lm_head.weight"] = embed
+        with torch.device("meta"):
+            model = cls(config)
+        try:
+            model.load_state_dict(sd, strict=True, assign=True)
+        except RuntimeError as e:  # torch reports key mismatches as RuntimeError
+            raise ValueError(f"state dict does not fit {config}: {e}") from e
+        model.tie_weights()
+        return model.to(device=device, dtype=dtype)

@@ -145,8 +145,10 @@ class PromptComposer:
                 raise ValueError("prompt is empty; pass non-empty text")
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
             return self._split(ids)
-        if isinstance(prompt, (list, tuple)) and prompt and all(
-            isinstance(m, Mapping) for m in prompt
+        if (
+            isinstance(prompt, (list, tuple))
+            and prompt
+            and all(isinstance(m, Mapping) for m in prompt)
         ):
             return self._split(self._encode_messages(prompt))
         raise TypeError(
@@ -207,7 +209,11 @@ class PromptComposer:
         chunks: list[Chunk] = []
         start = 0
         for i, tok in enumerate(ids[:-1]):  # the last token always stays private
-            if i + 1 - start >= self.auto_chunk_min_tokens and tok < len(line_end) and line_end[tok]:
+            if (
+                i + 1 - start >= self.auto_chunk_min_tokens
+                and tok < len(line_end)
+                and line_end[tok]
+            ):
                 chunks.append(self.registry.register(ids[start : i + 1], type=ChunkType.CONTEXT))
                 start = i + 1
         return PreparedPrompt(chunks=tuple(chunks), tail_ids=tuple(ids[start:]))

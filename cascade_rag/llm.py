@@ -21,7 +21,7 @@ from cascade_rag.chunks import Chunk, ChunkRegistry, ChunkType
 from cascade_rag.composition import Composition, PromptComposer
 from cascade_rag.config import EngineConfig
 from cascade_rag.engine.llm_engine import LLMEngine, SeqUpdate
-from cascade_rag.engine.sequence import PreparedPrompt
+from cascade_rag.engine.sequence import PreparedPrompt, SequenceStatus
 from cascade_rag.outputs import EngineStats, GenerationOutput, StreamDelta
 from cascade_rag.sampling import SamplingParams
 
@@ -35,8 +35,13 @@ class EngineClosedError(RuntimeError):
 class _Request:
     """A submitted request: the worker pushes `SeqUpdate`s to `deliver`."""
 
-    def __init__(self, prepared: PreparedPrompt, params: SamplingParams, max_tokens: int,
-                 deliver: Callable[[SeqUpdate | BaseException], None]) -> None:
+    def __init__(
+        self,
+        prepared: PreparedPrompt,
+        params: SamplingParams,
+        max_tokens: int,
+        deliver: Callable[[SeqUpdate | BaseException], None],
+    ) -> None:
         self.prepared = prepared
         self.params = params
         self.max_tokens = max_tokens
@@ -150,7 +155,9 @@ class CascadeEngine:
         outputs = [_drain(sink) for sink in sinks]
         return outputs[0] if single else outputs
 
-    def stream(self, prompt: Prompt, sampling: SamplingParams | None = None) -> Iterator[StreamDelta]:
+    def stream(
+        self, prompt: Prompt, sampling: SamplingParams | None = None
+    ) -> Iterator[StreamDelta]:
         """Yield `StreamDelta`s as text is generated; the last one carries the output."""
         sink: queue.SimpleQueue = queue.SimpleQueue()
         request = self._make_request(prompt, sampling, sink.put)
@@ -259,6 +266,7 @@ class CascadeEngine:
             self._wake.notify_all()
 
     def _abort(self, request: _Request) -> None:
+        request.deliver = _ignore  # the caller stopped listening
         with self._wake:
             if request in self._inbox:
                 self._inbox.remove(request)
@@ -285,20 +293,34 @@ class CascadeEngine:
                 except BaseException as exc:  # noqa: BLE001 - keep the worker alive
                     updates = []
                     for seq_id, req in list(by_seq.items()):
-                        if req.seq.status.value != "finished":
+                        if req.seq.status is not SequenceStatus.FINISHED:
                             self._core.abort(req.seq)
-                        req.deliver(exc)
+                        _deliver(req, exc)
                         del by_seq[seq_id]
             for update in updates:
                 req = by_seq.get(update.seq.seq_id)
-                if req is None:  # aborted by its caller
+                if req is None:
                     continue
-                req.deliver(update.error if update.error is not None else update)
+                _deliver(req, update.error if update.error is not None else update)
                 if update.output is not None or update.error is not None:
                     del by_seq[update.seq.seq_id]
+            for seq_id in [i for i, r in by_seq.items() if r.seq.status is SequenceStatus.FINISHED]:
+                del by_seq[seq_id]  # aborted by their callers
         closed = EngineClosedError("the engine was closed")
         for req in list(by_seq.values()) + self._inbox:
-            req.deliver(closed)
+            _deliver(req, closed)
+
+
+def _ignore(item) -> None:
+    pass
+
+
+def _deliver(request: _Request, item) -> None:
+    """Hand an update to its caller; a caller that went away must not stop the worker."""
+    try:
+        request.deliver(item)
+    except Exception:  # noqa: BLE001 - e.g. the caller's event loop is already closed
+        request.deliver = _ignore
 
 
 def _is_batch(prompts) -> bool:

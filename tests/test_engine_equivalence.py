@@ -215,6 +215,7 @@ def test_preemption_under_a_small_pool(default_model, hf_model):
             # ignore_eos: compare up to transformers' own end of sequence
             ref = hf_greedy(hf_model, ids)
             assert out.token_ids[: len(ref)] == ref, f"prompt {i} differs after preemption"
-        assert stats.kv_cache.free_pages + sum(
-            len(n.pages) for n in engine._core.kv.iter_nodes()
-        ) == stats.kv_cache.total_pages, "no page leaked"
+        assert (
+            stats.kv_cache.free_pages + sum(len(n.pages) for n in engine._core.kv.iter_nodes())
+            == stats.kv_cache.total_pages
+        ), "no page leaked"

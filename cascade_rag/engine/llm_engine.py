@@ -99,7 +99,9 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------------------
 
-    def add_request(self, prompt: PreparedPrompt, params: SamplingParams, max_tokens: int) -> Sequence:
+    def add_request(
+        self, prompt: PreparedPrompt, params: SamplingParams, max_tokens: int
+    ) -> Sequence:
         """Queue a validated request; `max_tokens` is already clamped to the context."""
         seq = Sequence(prompt=prompt, params=params, max_tokens=max_tokens)
         self._streams[seq.seq_id] = TextStream(
@@ -129,9 +131,7 @@ class LLMEngine:
         """Schedule and run one forward pass; returns an update per request it touched."""
         plan = self.scheduler.schedule()
         self.num_preemptions += len(plan.preempted)
-        failed = [
-            self._fail(seq, OutOfPagesError(self._too_big(seq))) for seq in plan.failed
-        ]
+        failed = [self._fail(seq, OutOfPagesError(self._too_big(seq))) for seq in plan.failed]
         if not plan.scheduled:
             if self.scheduler.waiting and not self.scheduler.running:
                 seq = self.scheduler.waiting.popleft()
@@ -146,7 +146,9 @@ class LLMEngine:
         self.num_steps += 1
         seqs = [e.seq for e in plan.scheduled]
         for e in plan.scheduled:
-            self.computed_prompt_tokens += max(0, min(e.kv_len, e.seq.num_prompt_tokens) - e.q_start)
+            self.computed_prompt_tokens += max(
+                0, min(e.kv_len, e.seq.num_prompt_tokens) - e.q_start
+            )
         tokens = self.sampler.sample(
             logits,
             [s.params for s in seqs],

@@ -42,8 +42,10 @@ class ModelRunner:
         """Batch order (indices into `batch`) and the step's attention metadata."""
         size = self.pool.page_size
         views = [SeqView(b.page_table, b.kv_len, b.qo_len) for b in batch]
-        order = order_for_sharing(views, size) if self.max_cascade_levels > 1 else list(
-            range(len(batch))
+        order = (
+            order_for_sharing(views, size)
+            if self.max_cascade_levels > 1
+            else list(range(len(batch)))
         )
         levels = plan_levels(
             [views[i] for i in order], size, self.max_cascade_levels, device=self.device

@@ -110,6 +110,11 @@ class CascadeEngine:
         self._closed = False
         self._worker: threading.Thread | None = None
 
+    @property
+    def model_name(self) -> str:
+        """The model's identity (name and a digest of its files)."""
+        return self.model.model_id
+
     # ---- chunks ------------------------------------------------------------------------
 
     def register_chunk(
@@ -135,13 +140,16 @@ class CascadeEngine:
     # ---- generation --------------------------------------------------------------------
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], sampling: SamplingParams | None = None
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> GenerationOutput | list[GenerationOutput]:
         """Generate for one prompt or a batch (all submitted together, served as one batch).
 
         Args:
             prompts: a prompt (str, chat messages, `Composition`) or a list of them.
-            sampling: sampling parameters for every prompt (default greedy, 256 tokens).
+            sampling: sampling parameters for every prompt, or a list with one per prompt
+                (default greedy, 256 tokens).
         Returns:
             one `GenerationOutput` for one prompt, a list for a list.
         Raises:
@@ -149,8 +157,19 @@ class CascadeEngine:
         """
         single = not _is_batch(prompts)
         batch = [prompts] if single else list(prompts)
+        if isinstance(sampling, Sequence):
+            if len(sampling) != len(batch):
+                raise ValueError(
+                    f"{len(sampling)} SamplingParams for {len(batch)} prompts; pass one per "
+                    "prompt or a single one for all"
+                )
+            params = list(sampling)
+        else:
+            params = [sampling] * len(batch)
         sinks = [queue.SimpleQueue() for _ in batch]
-        requests = [self._make_request(p, sampling, sink.put) for p, sink in zip(batch, sinks)]
+        requests = [
+            self._make_request(p, sp, sink.put) for p, sp, sink in zip(batch, params, sinks)
+        ]
         self._submit(requests)
         outputs = [_drain(sink) for sink in sinks]
         return outputs[0] if single else outputs

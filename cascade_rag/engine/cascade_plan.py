@@ -43,7 +43,11 @@ def order_for_sharing(seqs: list[SeqView], page_size: int) -> list[int]:
 
 
 def plan_levels(
-    seqs: list[SeqView], page_size: int, max_levels: int, device: torch.device | str = "cpu"
+    seqs: list[SeqView],
+    page_size: int,
+    max_levels: int,
+    device: torch.device | str = "cpu",
+    min_shared_tokens: int = 0,
 ) -> list[CascadeLevel]:
     """Cascade levels for `seqs`, taken in the given order (query rows are laid out so).
 
@@ -52,8 +56,12 @@ def plan_levels(
         page_size: slots per page.
         max_levels: 1 gives plain attention (one causal level, one entry per sequence);
             n > 1 gives up to n - 1 shared levels plus the causal level.
+        min_shared_tokens: a shared entry is made only if it saves at least this many key
+            reads per step ((group size - 1) * shared tokens); below that the keys stay in the
+            sequences' own levels. This is where cascade is turned off when it would not pay.
     Returns:
-        levels, the last one causal; every level covers every query row.
+        levels, the last one causal; every level covers every query row. Shared levels that
+        end up with no keys are left out, so no sharing at all gives one plain level.
     """
     assert max_levels >= 1
     q_offsets = [0]
@@ -106,6 +114,16 @@ def plan_levels(
             for sub in split(group, start_page):
                 visit(sub, level, start_page)
             return
+        if (len(group) - 1) * lcp * page_size < min_shared_tokens:
+            # not worth a shared entry here: let subgroups that share more try this level
+            subs = split(group, start_page + lcp)
+            if len(subs) > 1:
+                for sub in subs:
+                    visit(sub, level, start_page)
+            else:
+                entries[level].append((q_lo, q_hi, [], 0))
+                visit(group, level + 1, start_page)
+            return
         pages = first[start_page : start_page + lcp]
         entries[level].append((q_lo, q_hi, pages, page_size))
         for sub in split(group, start_page + lcp):
@@ -113,7 +131,8 @@ def plan_levels(
 
     if seqs:
         visit(list(range(len(seqs))), 0, 0)
-    return [_to_level(e, causal=(lv == last), device=device) for lv, e in enumerate(entries)]
+    kept = [e for e in entries[:last] if any(pages for _, _, pages, _ in e)] + [entries[last]]
+    return [_to_level(e, causal=(lv == len(kept) - 1), device=device) for lv, e in enumerate(kept)]
 
 
 def _to_level(entries, causal: bool, device) -> CascadeLevel:

@@ -49,7 +49,7 @@ def make_attention_backend(config: EngineConfig, model_config):
                     "pip install 'cascade-rag[gpu]'"
                 ) from exc
         else:
-            return FlashInferAttention(model_config, config)
+            return FlashInferAttention.for_model(model_config, config)
     from cascade_rag.attention.torch_backend import TorchAttention
 
     return TorchAttention(

@@ -36,6 +36,8 @@ class ModelRunner:
         self.pool = pool
         self.attn = attn
         self.max_cascade_levels = max_cascade_levels
+        # cascade only where it pays: the backend knows its cost of an extra level
+        self.min_shared_tokens = getattr(attn, "min_shared_tokens", 0)
         self.device = pool.kv_caches[0][0].device
 
     def build_metadata(self, batch: list[ScheduledSeq]) -> tuple[list[int], AttentionMetadata]:
@@ -48,7 +50,11 @@ class ModelRunner:
             else list(range(len(batch)))
         )
         levels = plan_levels(
-            [views[i] for i in order], size, self.max_cascade_levels, device=self.device
+            [views[i] for i in order],
+            size,
+            self.max_cascade_levels,
+            device="cpu",  # index lists: backends move what their kernels read
+            min_shared_tokens=self.min_shared_tokens,
         )
         slots: list[int] = []
         copies: list[tuple[int, int]] = []

@@ -1,0 +1,192 @@
+"""FlashInfer attention over the paged KV cache (GPU, bf16/fp16): prefill and cascade decode.
+
+`FlashInferAttention.plan` runs FlashInfer's planners once per step for every level of the
+step's `AttentionMetadata`; `forward`, once per layer, writes the new K/V into the pages,
+makes the boundary-page copies, runs each level and merges the levels' partial results with
+FlashInfer's `merge_state_in_place` (its log-sum-exp values are base 2, consistently).
+
+- The last (causal) level covers every query row. A pure decode step (one row per sequence)
+  runs it with the paged decode kernel, any other step with the paged prefill kernel.
+- A shared level runs FlashInfer's paged prefill kernel, not causal, over the rows of its
+  non-empty entries only (a level's rows are gathered when some entries have no keys).
+- RoPE is applied by the model before attention (`pos_encoding_mode="NONE"`): every level
+  reads keys already rotated at their absolute positions, so no level needs its own offset.
+
+It does not decide grouping (the model runner's cascade planner does; `min_shared_tokens`
+tells it when a shared level pays on this GPU) and is imported only when used, so the package
+works where FlashInfer is not installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import flashinfer
+import torch
+
+from cascade_rag.attention.metadata import AttentionMetadata, CascadeLevel
+
+# One extra cascade level costs about as much as reading this many bytes of KV in plain
+# decode (H100, FlashInfer 0.7: ~0.06 ms of launch and merge at ~3 TB/s; see bench/ and
+# ../shared/gpu/README.md). Shared entries that save fewer bytes are not made.
+LEVEL_OVERHEAD_BYTES = 180e6
+
+_WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class _LevelRun:
+    wrapper: object
+    rows: torch.Tensor | None  # query rows of the level's non-empty entries; None = all rows
+
+
+def _int32(x: torch.Tensor, device) -> torch.Tensor:
+    return x.to(device=device, dtype=torch.int32)
+
+
+class FlashInferAttention:
+    """FlashInfer backend (see the module docstring).
+
+    Args:
+        num_qo_heads, num_kv_heads, head_dim: attention shape.
+        page_size: slots per page.
+        dtype: dtype of q and of the KV cache (bfloat16 or float16).
+        device: CUDA device.
+        max_levels: most levels a step will plan.
+    """
+
+    def __init__(
+        self,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        max_levels: int = 4,
+    ) -> None:
+        self.num_qo_heads = num_qo_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.page_size = page_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        kv_bytes_per_token = 2 * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        self.min_shared_tokens = int(LEVEL_OVERHEAD_BYTES / kv_bytes_per_token)
+        self._workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self._prefill = [
+            flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+            for _ in range(max_levels)
+        ]
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_tensor_cores=num_qo_heads // num_kv_heads >= 4
+        )
+        self._runs: list[_LevelRun] = []  # last level first
+        self._metadata: AttentionMetadata | None = None
+
+    @classmethod
+    def for_model(cls, model_config, engine_config) -> FlashInferAttention:
+        return cls(
+            model_config.num_qo_heads,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+            engine_config.page_size,
+            getattr(torch, engine_config.dtype),
+            engine_config.device,
+            max_levels=max(engine_config.levels, 1),
+        )
+
+    # ---- once per step -----------------------------------------------------------------
+
+    def plan(self, metadata: AttentionMetadata) -> None:
+        levels = metadata.levels
+        if len(levels) > len(self._prefill):
+            raise ValueError(
+                f"{len(levels)} levels planned, backend built for {len(self._prefill)}"
+            )
+        self._metadata = metadata
+        last = levels[-1]
+        runs = [self._plan_last(last, metadata.num_tokens)]
+        for i, level in enumerate(levels[:-1]):
+            run = self._plan_shared(level, self._prefill[i + 1])
+            if run is not None:
+                runs.append(run)
+        self._runs = runs
+
+    def _plan_last(self, level: CascadeLevel, num_tokens: int) -> _LevelRun:
+        qo_indptr = level.qo_indptr.cpu()
+        kv_indptr = _int32(level.kv_indptr, "cpu")
+        kv_indices = _int32(level.kv_indices, self.device)
+        last_len = _int32(level.kv_last_page_len, "cpu")
+        common = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
+        if level.num_entries == num_tokens:  # one row per sequence: decode kernel
+            self._decode.plan(
+                kv_indptr, kv_indices, last_len, self.num_qo_heads, self.num_kv_heads,
+                self.head_dim, self.page_size, pos_encoding_mode="NONE", **common,
+            )  # fmt: skip
+            return _LevelRun(self._decode, None)
+        wrapper = self._prefill[0]
+        wrapper.plan(
+            _int32(qo_indptr, "cpu"), kv_indptr, kv_indices, last_len, self.num_qo_heads,
+            self.num_kv_heads, self.head_dim, self.page_size, causal=True,
+            pos_encoding_mode="NONE", **common,
+        )  # fmt: skip
+        return _LevelRun(wrapper, None)
+
+    def _plan_shared(self, level: CascadeLevel, wrapper) -> _LevelRun | None:
+        kv_counts = (level.kv_indptr[1:] - level.kv_indptr[:-1]).cpu()
+        keep = torch.nonzero(kv_counts > 0).flatten()
+        if keep.numel() == 0:
+            return None
+        qo = level.qo_indptr.cpu()
+        q_lens = (qo[1:] - qo[:-1])[keep]
+        sub_qo = torch.zeros(keep.numel() + 1, dtype=torch.int32)
+        sub_qo[1:] = torch.cumsum(q_lens, 0)
+        sub_kv = torch.zeros(keep.numel() + 1, dtype=torch.int32)
+        sub_kv[1:] = torch.cumsum(kv_counts[keep], 0)
+        if keep.numel() == level.num_entries:
+            rows = None
+        else:
+            rows = torch.cat([torch.arange(int(qo[i]), int(qo[i + 1])) for i in keep.tolist()])
+            rows = rows.to(self.device)
+        wrapper.plan(
+            sub_qo, sub_kv, _int32(level.kv_indices, self.device),
+            _int32(level.kv_last_page_len[keep], "cpu"), self.num_qo_heads, self.num_kv_heads,
+            self.head_dim, self.page_size, causal=False, pos_encoding_mode="NONE",
+            q_data_type=self.dtype, kv_data_type=self.dtype,
+        )  # fmt: skip
+        return _LevelRun(wrapper, rows)
+
+    # ---- once per layer ----------------------------------------------------------------
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_qo_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        k_cache: torch.Tensor,  # [num_pages, page_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        meta = self._metadata
+        assert meta is not None, "plan() before forward()"
+        flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_k[meta.slot_mapping] = k.to(flat_k.dtype)
+        flat_v[meta.slot_mapping] = v.to(flat_v.dtype)
+        if meta.copy_src.numel():
+            flat_k[meta.copy_dst] = flat_k[meta.copy_src]
+            flat_v[meta.copy_dst] = flat_v[meta.copy_src]
+        q = q.to(self.dtype).contiguous()
+        last, *shared = self._runs
+        out, lse = last.wrapper.run(q, (k_cache, v_cache), return_lse=True)
+        for run in shared:
+            q_l = q if run.rows is None else q[run.rows]
+            o_l, lse_l = run.wrapper.run(q_l, (k_cache, v_cache), return_lse=True)
+            if run.rows is None:
+                flashinfer.merge_state_in_place(out, lse, o_l, lse_l)
+            else:
+                o_sub, lse_sub = out[run.rows], lse[run.rows]
+                flashinfer.merge_state_in_place(o_sub, lse_sub, o_l, lse_l)
+                out[run.rows] = o_sub
+                lse[run.rows] = lse_sub
+        return out

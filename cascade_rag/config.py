@@ -26,6 +26,8 @@ class EngineConfig:
         enable_chunk_cache: reuse chunks' KV across requests (False recomputes every prompt).
         cascade: group requests sharing chunks into cascade levels (False: plain attention).
         max_cascade_levels: levels including the last, causal one (>= 2 when cascade is on).
+        cascade_min_shared_tokens: a shared level is used only where it saves at least this
+            many key reads per step; None takes the attention backend's calibrated value.
         attention_backend: "auto" (FlashInfer on CUDA when installed, else PyTorch), "torch"
             or "flashinfer".
         chunk_registry_capacity: most chunks the registry keeps (LRU beyond that).
@@ -48,6 +50,7 @@ class EngineConfig:
     enable_chunk_cache: bool = True
     cascade: bool = True
     max_cascade_levels: int = 3
+    cascade_min_shared_tokens: int | None = None
     attention_backend: str = "auto"
     chunk_registry_capacity: int = 100_000
     auto_chunk_min_tokens: int = 32

@@ -25,7 +25,7 @@ from cascade_rag.engine.sequence import PreparedPrompt, SequenceStatus
 from cascade_rag.outputs import EngineStats, GenerationOutput, StreamDelta
 from cascade_rag.sampling import SamplingParams
 
-Prompt = str | Sequence[Mapping[str, str]] | Composition
+Prompt = str | Sequence[Mapping[str, str]] | Composition | PreparedPrompt
 
 
 class EngineClosedError(RuntimeError):
@@ -132,8 +132,22 @@ class CascadeEngine:
         """The registered chunk with this id; raises `UnknownChunkError` if there is none."""
         return self.registry.get(chunk_id)
 
+    def register_token_chunk(
+        self, token_ids: Sequence[int], type: ChunkType = ChunkType.RAG_RESULT
+    ) -> Chunk:
+        """Register already tokenized text as a chunk (no separator is added)."""
+        return self.registry.register(list(token_ids), type=type)
+
     def prepare(self, prompt: Prompt) -> PreparedPrompt:
-        """Tokenize and chunk a prompt without running it (see `Composition`)."""
+        """Tokenize and chunk a prompt without running it (see `Composition`).
+
+        A `PreparedPrompt` (chunks + private token ids) is returned as it is, so callers
+        that tokenize themselves can pass one to `generate`.
+        """
+        if isinstance(prompt, PreparedPrompt):
+            if not self.config.enable_chunk_cache and prompt.chunks:
+                return PreparedPrompt(chunks=(), tail_ids=tuple(prompt.token_ids))
+            return prompt
         with self._compose_lock:
             return self.composer.prepare(prompt)
 
@@ -343,7 +357,7 @@ def _deliver(request: _Request, item) -> None:
 
 
 def _is_batch(prompts) -> bool:
-    if isinstance(prompts, (str, Composition)):
+    if isinstance(prompts, (str, Composition, PreparedPrompt)):
         return False
     if isinstance(prompts, Sequence) and prompts and all(isinstance(p, Mapping) for p in prompts):
         return False  # one list of chat messages

@@ -83,7 +83,11 @@ class LLMEngine:
         self.kv = ChunkKVCache(self.pool, registry)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(
-            model.model, self.pool, make_attention_backend(config, mc), config.levels
+            model.model,
+            self.pool,
+            make_attention_backend(config, mc),
+            config.levels,
+            config.cascade_min_shared_tokens,
         )
         self.sampler = Sampler()
         self.eos_token_ids = set(mc.eos_token_ids)

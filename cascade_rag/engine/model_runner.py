@@ -30,14 +30,21 @@ class ModelRunner:
     """
 
     def __init__(
-        self, model, pool: PagePool, attn: AttentionBackend, max_cascade_levels: int
+        self,
+        model,
+        pool: PagePool,
+        attn: AttentionBackend,
+        max_cascade_levels: int,
+        min_shared_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
         self.attn = attn
         self.max_cascade_levels = max_cascade_levels
-        # cascade only where it pays: the backend knows its cost of an extra level
-        self.min_shared_tokens = getattr(attn, "min_shared_tokens", 0)
+        # cascade only where it pays: by default the backend knows its cost of an extra level
+        if min_shared_tokens is None:
+            min_shared_tokens = getattr(attn, "min_shared_tokens", 0)
+        self.min_shared_tokens = min_shared_tokens
         self.device = pool.kv_caches[0][0].device
 
     def build_metadata(self, batch: list[ScheduledSeq]) -> tuple[list[int], AttentionMetadata]:

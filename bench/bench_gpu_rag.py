@@ -1,0 +1,181 @@
+"""End-to-end RAG on the GPU: the engine against what LangChain / LlamaIndex users run today.
+
+Workload: 64 requests, each a 256-token system prompt, 4 of 8 shared 512-token documents (a
+retriever's canonical order, so overlapping sets share prefixes) and a 32-token question, 64
+new tokens each (greedy, end of sequence ignored so every system makes exactly 64 tokens).
+Model: Llama-3.2-1B shape (16 layers, hidden 2048, 32 heads, 8 KV heads, head_dim 64,
+vocabulary 128,256) with random bf16 weights. Systems, in one process, same token ids:
+
+- Hugging Face `generate` at batch 1, 4 (HuggingFacePipeline's default) and 64;
+- the engine with chunk caching off;
+- the engine with chunk caching but plain decode (no cascade);
+- the full engine (chunk caching + cascade where it pays).
+
+Hugging Face at batch 1 is timed on the first `--hf-batch1-requests` requests (default 8): its
+throughput does not depend on how many requests follow one another.
+
+    python bench/bench_gpu_rag.py   # writes $OUT/rag.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_common import Timer, make_model_dir, write_json  # noqa: E402
+
+from cascade_rag.chunks import ChunkType  # noqa: E402
+from cascade_rag.engine.sequence import PreparedPrompt  # noqa: E402
+from cascade_rag.llm import CascadeEngine  # noqa: E402
+from cascade_rag.sampling import SamplingParams  # noqa: E402
+
+NUM_REQUESTS, SYSTEM_TOKENS, NUM_DOCS, DOC_TOKENS, DOCS_PER_REQUEST = 64, 256, 8, 512, 4
+QUESTION_TOKENS, NEW_TOKENS = 32, 64
+
+
+def workload(vocab: int, seed: int = 0):
+    """(system ids, doc ids list, [(doc indices, question ids)]) with canonical doc order."""
+    rng = random.Random(seed)
+
+    def ids(n):
+        return [rng.randrange(10, vocab) for _ in range(n)]
+
+    system = ids(SYSTEM_TOKENS)
+    docs = [ids(DOC_TOKENS) for _ in range(NUM_DOCS)]
+    requests = []
+    for _ in range(NUM_REQUESTS):
+        picked = sorted(rng.sample(range(NUM_DOCS), DOCS_PER_REQUEST))
+        requests.append((picked, ids(QUESTION_TOKENS)))
+    return system, docs, requests
+
+
+def prompts_for(engine, system, docs, requests):
+    sys_chunk = engine.register_token_chunk(system, ChunkType.SYSTEM_PROMPT)
+    doc_chunks = [engine.register_token_chunk(d) for d in docs]
+    return [
+        PreparedPrompt((sys_chunk, *(doc_chunks[i] for i in picked)), tuple(question))
+        for picked, question in requests
+    ]
+
+
+def flat_ids(system, docs, requests):
+    return [
+        system + [t for i in picked for t in docs[i]] + question for picked, question in requests
+    ]
+
+
+def run_hf(model, all_ids, batch_size):
+    outputs = []
+    with Timer() as t, torch.inference_mode():
+        for start in range(0, len(all_ids), batch_size):
+            batch = torch.tensor(all_ids[start : start + batch_size], device="cuda")
+            out = model.generate(
+                batch,
+                attention_mask=torch.ones_like(batch),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            outputs.extend(out[:, batch.shape[1] :].tolist())
+    return t.seconds, outputs
+
+
+def run_engine(model_dir, prompts_args, **options):
+    engine = CascadeEngine(
+        str(model_dir),
+        dtype="bfloat16",
+        device="cuda",
+        kv_cache_tokens=NUM_REQUESTS * 2600,
+        max_num_seqs=NUM_REQUESTS,
+        max_num_batched_tokens=32768,
+        **options,
+    )
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    engine.generate([PreparedPrompt((), (1, 2, 3, 4))] * 4, SamplingParams(max_tokens=8))  # warm-up
+    prompts = prompts_for(engine, *prompts_args)
+    with Timer() as t:
+        outs = engine.generate(prompts, params)
+    stats = engine.stats()
+    engine.close()
+    computed = sum(o.usage.prompt_tokens - o.usage.cached_tokens for o in outs)
+    return t.seconds, [o.token_ids for o in outs], computed, stats.num_steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", default="/tmp/cascade-rag-llama1b")
+    parser.add_argument("--hf-batch1-requests", type=int, default=8)
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_model_dir(args.model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to("cuda").eval()
+    system, docs, requests = workload(hf.config.vocab_size)
+    all_ids = flat_ids(system, docs, requests)
+    prompt_tokens = sum(len(x) for x in all_ids)
+    run_hf(hf, all_ids[:2], 2)  # warm-up
+
+    rows = []
+
+    def add(name, seconds, n_requests, computed, outputs, reference=None):
+        tokens = n_requests * NEW_TOKENS
+        same = None
+        if reference is not None:
+            same = sum(a == b for a, b in zip(outputs, reference)) / len(outputs)
+        rows.append(dict(system=name, seconds=seconds, requests=n_requests,
+                         output_tokens_per_s=tokens / seconds, prompt_tokens_computed=computed,
+                         same_tokens_as_hf_batch64=same))  # fmt: skip
+
+    n1 = args.hf_batch1_requests
+    secs, _ = run_hf(hf, all_ids[:n1], 1)
+    add("HF generate, batch 1", secs, n1, sum(len(x) for x in all_ids[:n1]), None)
+    secs, _ = run_hf(hf, all_ids, 4)
+    add("HF generate, batch 4", secs, NUM_REQUESTS, prompt_tokens, None)
+    secs, ref64 = run_hf(hf, all_ids, 64)
+    add("HF generate, batch 64", secs, NUM_REQUESTS, prompt_tokens, None)
+    del hf
+    torch.cuda.empty_cache()
+
+    wl = (system, docs, requests)
+    for name, opts in [
+        ("engine, chunk cache off", dict(enable_chunk_cache=False)),
+        ("engine, chunk cache, plain decode", dict(cascade=False)),
+        ("engine, chunk cache + cascade", dict()),
+    ]:
+        secs, outs, computed, steps = run_engine(model_dir, wl, **opts)
+        add(name, secs, NUM_REQUESTS, computed, outs, ref64)
+        rows[-1]["steps"] = steps
+
+    base = {r["system"]: r["output_tokens_per_s"] for r in rows}
+    for r in rows:
+        r["x_hf_batch4"] = r["output_tokens_per_s"] / base["HF generate, batch 4"]
+        r["x_hf_batch64"] = r["output_tokens_per_s"] / base["HF generate, batch 64"]
+    write_json("rag.json", dict(rows=rows, prompt_tokens=prompt_tokens))
+    print(
+        f"RAG end to end: {NUM_REQUESTS} requests x {len(all_ids[0])} prompt tokens "
+        f"({SYSTEM_TOKENS} system + {DOCS_PER_REQUEST} of {NUM_DOCS} docs x {DOC_TOKENS} + "
+        f"{QUESTION_TOKENS} question), {NEW_TOKENS} new tokens; Llama-3.2-1B shape, bf16"
+    )
+    print("| system | s | output tok/s | prompt tokens computed | x HF b4 | x HF b64 | = HF b64 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        same = (
+            ""
+            if r["same_tokens_as_hf_batch64"] is None
+            else f"{r['same_tokens_as_hf_batch64']:.0%}"
+        )
+        print(f"| {r['system']} | {r['seconds']:.2f} | {r['output_tokens_per_s']:.0f} | "
+              f"{r['prompt_tokens_computed']} | {r['x_hf_batch4']:.2f} | {r['x_hf_batch64']:.2f} | "
+              f"{same} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

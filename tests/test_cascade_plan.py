@@ -391,7 +391,9 @@ def test_planned_attention_matches_dense_reference(batch, max_levels, seed):
         row += v.qo_len
 
 
-def run_engine_steps(page_size: int, lengths: list[int], max_levels: int, seed: int) -> int:
+def run_engine_steps(
+    page_size: int, lengths: list[int], max_levels: int, seed: int, expect_shared: bool = True
+) -> int:
     """The scheduler, the real metadata (with boundary copies) and TorchAttention over a pool
     whose cache persists across steps; each step's output against the dense reference. The K/V
     of position p is a fixed random vector picked by the hash of the tokens [0, p]."""
@@ -438,7 +440,8 @@ def run_engine_steps(page_size: int, lengths: list[int], max_levels: int, seed: 
             row += e.qo_len
         num_steps += 1
     assert num_steps > 3
-    assert (num_shared > 0) == (max_levels > 1), "the workload exercises shared levels"
+    if expect_shared:
+        assert (num_shared > 0) == (max_levels > 1), "the workload exercises shared levels"
     return num_steps
 
 
@@ -455,11 +458,7 @@ def test_engine_steps_match_dense_reference(page_size, lengths, max_levels):
     run_engine_steps(page_size, lengths, max_levels, seed=page_size)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chunks shorter than a page chain boundary copies within one step (a copy reads a "
-    "slot another copy of the step fills) and TorchAttention applies copies simultaneously",
-)
 @pytest.mark.parametrize("max_levels", [1, 3])
 def test_engine_steps_with_chunks_inside_one_page_match_dense_reference(max_levels):
-    run_engine_steps(16, [5, 3, 2, 7, 1], max_levels, seed=0)
+    # 18 tokens in all: at most one full page, so shared levels need not appear
+    run_engine_steps(16, [5, 3, 2, 7, 1], max_levels, seed=0, expect_shared=False)

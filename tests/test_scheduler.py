@@ -457,20 +457,13 @@ def test_max_num_batched_tokens_limits_prefill():
     assert eng.first_entries[big.seq_id] == (0, 40)
 
 
-CHAINED_COPIES = pytest.mark.xfail(
-    strict=True,
-    reason="chained boundary copies: a copy's source slot is the destination of another copy "
-    "of the same step, and TorchAttention applies copies simultaneously",
-)
-
-
 @pytest.mark.parametrize(
     "page_size, copy_mode",
     [
         (4, "ordered"),
         (4, "simultaneous"),  # 5 | 3 | 2 | tail: no node lies inside one page with a boundary
         (16, "ordered"),
-        pytest.param(16, "simultaneous", marks=CHAINED_COPIES),
+        pytest.param(16, "simultaneous"),
     ],
 )
 def test_chunks_inside_one_page_chain_boundary_copies(page_size, copy_mode):
@@ -484,7 +477,6 @@ def test_chunks_inside_one_page_chain_boundary_copies(page_size, copy_mode):
     assert len(eng.finished) == 2
 
 
-@CHAINED_COPIES
 def test_copy_sources_are_never_copy_destinations_of_the_same_step():
     eng = FakeEngine(page_size=16, num_pages=16)
     a, b = make_chunks(eng.registry, [5, 3])

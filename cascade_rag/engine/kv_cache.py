@@ -170,11 +170,33 @@ class ChunkKVCache:
             self.evict(n - self.pool.num_free)
         return self.pool.alloc(n)
 
-    def boundary_copy(self, src_page: int, dst_page: int, start: int) -> list[tuple[int, int]]:
-        """Slot pairs (src, dst) that give an owner starting at `start` its boundary page."""
+    def slot_of(self, owner: ChunkNode, pos: int) -> int:
+        """The slot where `owner` holds the KV of position `pos`."""
+        assert owner.start <= pos < owner.end
+        return owner.pages[
+            pos // self.page_size - owner.start // self.page_size
+        ] * self.page_size + (pos % self.page_size)
+
+    def boundary_copy(
+        self, chain: list[ChunkNode], dst_page: int, start: int
+    ) -> list[tuple[int, int]]:
+        """Slot pairs (src, dst) that give an owner starting at `start` its boundary page.
+
+        `chain` holds the nodes before `start` (in order); each copied position is taken from
+        the node that computed it, never from another boundary copy, so the copies of one
+        step do not depend on each other's order (a chunk may start and end inside a page).
+        """
         offset = start % self.page_size
-        base_src, base_dst = src_page * self.page_size, dst_page * self.page_size
-        return [(base_src + o, base_dst + o) for o in range(offset)]
+        base_dst = dst_page * self.page_size
+        pairs = []
+        owners = reversed(chain)
+        owner = next(owners, None)
+        for pos in range(start - 1, start - offset - 1, -1):
+            while owner is not None and pos < owner.start:
+                owner = next(owners, None)
+            assert owner is not None and pos < owner.end, "the chain covers the boundary page"
+            pairs.append((self.slot_of(owner, pos), base_dst + pos % self.page_size))
+        return pairs[::-1]
 
     # ---- nodes -------------------------------------------------------------------------
 
@@ -190,7 +212,11 @@ class ChunkKVCache:
         assert chunk.id not in parent.children
         start = parent.end
         end = start + len(chunk.token_ids)
-        pages = self.alloc(self.pages_for(start, end))
+        parent.pins += 1  # the allocation below must not evict the parent
+        try:
+            pages = self.alloc(self.pages_for(start, end))
+        finally:
+            parent.pins -= 1
         node = ChunkNode(
             chunk=chunk,
             parent=parent,

@@ -224,13 +224,11 @@ class Scheduler:
             self.kv.miss_tokens += seq.num_prompt_tokens - q_start
 
         copies: list[tuple[int, int]] = []
-        parent_page = None
-        for n in nodes:
+        for i, n in enumerate(nodes):
             if n in mine and n.start % self.page_size:
-                copies.extend(self.kv.boundary_copy(parent_page, n.pages[0], n.start))
-            parent_page = n.pages[-1] if n.pages else parent_page
+                copies.extend(self.kv.boundary_copy(nodes[:i], n.pages[0], n.start))
         if seq.private_pages and node.end % self.page_size:
-            copies.extend(self.kv.boundary_copy(parent_page, seq.private_pages[0], node.end))
+            copies.extend(self.kv.boundary_copy(nodes, seq.private_pages[0], node.end))
         return ScheduledSeq(
             seq=seq,
             q_start=q_start,

@@ -62,6 +62,9 @@ def time_backend(backend, meta, q, k, v, kc, vc, iters: int = 50) -> float:
 
 def main() -> None:
     backend = FlashInferAttention(NUM_QO, NUM_KV, HEAD_DIM, PAGE, torch.bfloat16, DEV, 3)
+    auto = FlashInferAttention(
+        NUM_QO, NUM_KV, HEAD_DIM, PAGE, torch.bfloat16, DEV, 3, shared_backend="auto"
+    )
     threshold = backend.min_shared_tokens
     rows = []
     for batch in (16, 64, 256):
@@ -85,12 +88,14 @@ def main() -> None:
             plain = time_backend(backend, plain_meta, q, k, v, kc, vc)
             cascade = time_backend(backend, cascade_meta, q, k, v, kc, vc)
             chosen = time_backend(backend, chosen_meta, q, k, v, kc, vc)
+            cascade_auto = time_backend(auto, cascade_meta, q, k, v, kc, vc)
             rows.append(
                 dict(
                     batch=batch,
                     shared=shared,
                     plain_ms=plain,
                     cascade_ms=cascade,
+                    cascade_auto_backend_ms=cascade_auto,
                     chosen_ms=chosen,
                     chosen="cascade" if chosen_levels > 1 else "plain",
                     cascade_speedup=plain / cascade,
@@ -113,6 +118,10 @@ def main() -> None:
             f"{r['cascade_speedup']:.2f}x | {r['chosen']} | {r['chosen_ms']:.3f} | "
             f"{r['chosen_vs_plain']:.2f}x |"
         )
+    print("cascade with FlashInfer's auto prefill backend for the shared level (ms):")
+    print(
+        ", ".join(f"{r['batch']}x{r['shared']}: {r['cascade_auto_backend_ms']:.3f}" for r in rows)
+    )
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ class FlashInferAttention:
         dtype: dtype of q and of the KV cache (bfloat16 or float16).
         device: CUDA device.
         max_levels: most levels a step will plan.
+        shared_backend: FlashInfer prefill backend for shared levels ("fa2" splits long key
+            ranges across CTAs; "auto" may pick a variant that does not).
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class FlashInferAttention:
         dtype: torch.dtype,
         device: torch.device | str,
         max_levels: int = 4,
+        shared_backend: str = "fa2",
     ) -> None:
         self.num_qo_heads = num_qo_heads
         self.num_kv_heads = num_kv_heads
@@ -74,9 +77,14 @@ class FlashInferAttention:
         kv_bytes_per_token = 2 * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
         self.min_shared_tokens = int(LEVEL_OVERHEAD_BYTES / kv_bytes_per_token)
         self._workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self._prefill = [
-            flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
-            for _ in range(max_levels)
+        # [0] runs the causal last level; the others the shared levels, whose few query rows
+        # over long prefixes need the kernel variant that splits the keys across CTAs
+        self._prefill = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")]
+        self._prefill += [
+            flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                self._workspace, "NHD", backend=shared_backend
+            )
+            for _ in range(max_levels - 1)
         ]
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self._workspace, "NHD", use_tensor_cores=num_qo_heads // num_kv_heads >= 4

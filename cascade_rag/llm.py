@@ -41,11 +41,13 @@ class _Request:
         params: SamplingParams,
         max_tokens: int,
         deliver: Callable[[SeqUpdate | BaseException], None],
+        stream_text: bool,
     ) -> None:
         self.prepared = prepared
         self.params = params
         self.max_tokens = max_tokens
         self.deliver = deliver
+        self.stream_text = stream_text  # False: text decoded once at the end
         self.seq = None
 
 
@@ -182,7 +184,8 @@ class CascadeEngine:
             params = [sampling] * len(batch)
         sinks = [queue.SimpleQueue() for _ in batch]
         requests = [
-            self._make_request(p, sp, sink.put) for p, sp, sink in zip(batch, params, sinks)
+            self._make_request(p, sp, sink.put, stream_text=False)
+            for p, sp, sink in zip(batch, params, sinks)
         ]
         self._submit(requests)
         outputs = [_drain(sink) for sink in sinks]
@@ -212,7 +215,7 @@ class CascadeEngine:
     ) -> GenerationOutput:
         """Async `generate` for one prompt; concurrent awaits are batched together."""
         output = None
-        async for delta in self.astream(prompt, sampling):
+        async for delta in self._astream(prompt, sampling, stream_text=False):
             output = delta.output
         return output
 
@@ -220,10 +223,19 @@ class CascadeEngine:
         self, prompt: Prompt, sampling: SamplingParams | None = None
     ) -> AsyncIterator[StreamDelta]:
         """Async `stream`."""
+        async for delta in self._astream(prompt, sampling, stream_text=True):
+            yield delta
+
+    async def _astream(
+        self, prompt: Prompt, sampling: SamplingParams | None, stream_text: bool
+    ) -> AsyncIterator[StreamDelta]:
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue = asyncio.Queue()
         request = self._make_request(
-            prompt, sampling, lambda item: loop.call_soon_threadsafe(sink.put_nowait, item)
+            prompt,
+            sampling,
+            lambda item: loop.call_soon_threadsafe(sink.put_nowait, item),
+            stream_text=stream_text,
         )
         self._submit([request])
         finished = False
@@ -264,7 +276,9 @@ class CascadeEngine:
 
     # ---- internals ---------------------------------------------------------------------
 
-    def _make_request(self, prompt: Prompt, sampling: SamplingParams | None, deliver) -> _Request:
+    def _make_request(
+        self, prompt: Prompt, sampling: SamplingParams | None, deliver, stream_text: bool = True
+    ) -> _Request:
         params = sampling if sampling is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling must be SamplingParams, got {type(params).__name__}")
@@ -284,7 +298,7 @@ class CascadeEngine:
                 f"KV pages but the pool has {self.config.num_pages}; raise kv_cache_tokens or "
                 "lower max_tokens"
             )
-        return _Request(prepared, params, max_tokens, deliver)
+        return _Request(prepared, params, max_tokens, deliver, stream_text)
 
     def _submit(self, requests: list[_Request]) -> None:
         with self._wake:
@@ -319,7 +333,9 @@ class CascadeEngine:
                 new, self._inbox = self._inbox, []
             with self._core_lock:
                 for req in new:
-                    req.seq = self._core.add_request(req.prepared, req.params, req.max_tokens)
+                    req.seq = self._core.add_request(
+                        req.prepared, req.params, req.max_tokens, req.stream_text
+                    )
                     by_seq[req.seq.seq_id] = req
                 try:
                     updates = self._core.step()

@@ -472,3 +472,32 @@ def test_default_model_matches_transformers(default_model):
     answer = lm.tokenizer.decode(ids[len(input_ids) :])
     assert ids.tolist() == ref_ids.tolist(), answer
     assert "France" in answer
+
+
+@pytest.mark.parametrize(
+    "arch,extra",
+    [("llama", {}), ("qwen2", dict(attention_bias=True)), ("qwen3", dict(qk_norm=True))],
+)
+def test_fused_gpu_path_matches_reference_ops(arch, extra):
+    """fuse_for_speed (used with the FlashInfer backend) computes the same function."""
+    import copy
+
+    cfg = ModelConfig(
+        architecture=arch, vocab_size=100, hidden_size=64, intermediate_size=96, num_layers=2,
+        num_qo_heads=4, num_kv_heads=2, head_dim=16, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(cfg)
+    for p in ref.parameters():
+        p.data.normal_(0, 0.3)
+    fused = copy.deepcopy(ref)
+    fused.fuse_for_speed()
+    fused.fuse_for_speed()  # idempotent
+    assert fused.model.layers[0].self_attn.qkv_weight is not None
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in ref.parameters())
+    ids, pos = torch.randint(0, 100, (9,)), torch.arange(9)
+    caches = [(None, None)] * cfg.num_layers
+    a = ref(ids, pos, caches, DenseCausalAttention())
+    b = fused(ids, pos, caches, DenseCausalAttention())
+    err = (a - b).abs()
+    assert err.max() < 1e-5, f"max {err.max():.3g} mean {err.mean():.3g}"

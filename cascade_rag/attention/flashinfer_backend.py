@@ -26,10 +26,11 @@ import torch
 
 from cascade_rag.attention.metadata import AttentionMetadata, CascadeLevel
 
-# One extra cascade level costs about as much as reading this many bytes of KV in plain
-# decode (H100, FlashInfer 0.7: ~0.06 ms of launch and merge at ~3 TB/s; see bench/ and
-# ../shared/gpu/README.md). Shared entries that save fewer bytes are not made.
-LEVEL_OVERHEAD_BYTES = 180e6
+# A shared level pays when it saves reading more than about this many bytes of KV per layer
+# and step. Calibrated on an H100 with FlashInfer 0.7.2 (bench/bench_gpu_decode_attention.py,
+# Llama-3.2-1B attention shape, 2 KB of KV per token): cascade lost at 123K-129K saved tokens
+# (batch 16 x 8K, batch 64 x 2K) and won at 491K-522K (batch 16 x 32K, 64 x 8K, 256 x 2K).
+LEVEL_OVERHEAD_BYTES = 600e6
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
 

@@ -82,10 +82,13 @@ class LLMEngine:
         )
         self.kv = ChunkKVCache(self.pool, registry)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        attn = make_attention_backend(config, mc)
+        if type(attn).__name__ == "FlashInferAttention":
+            model.model.fuse_for_speed()  # GPU: fewer, larger kernels (bf16 tolerance)
         self.runner = ModelRunner(
             model.model,
             self.pool,
-            make_attention_backend(config, mc),
+            attn,
             config.levels,
             config.cascade_min_shared_tokens,
         )
@@ -104,13 +107,22 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------
 
     def add_request(
-        self, prompt: PreparedPrompt, params: SamplingParams, max_tokens: int
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        max_tokens: int,
+        stream_text: bool = True,
     ) -> Sequence:
-        """Queue a validated request; `max_tokens` is already clamped to the context."""
+        """Queue a validated request; `max_tokens` is already clamped to the context.
+
+        With `stream_text` False (and no stop strings) text is decoded once at the end
+        instead of token by token: updates then carry token ids and an empty text.
+        """
         seq = Sequence(prompt=prompt, params=params, max_tokens=max_tokens)
-        self._streams[seq.seq_id] = TextStream(
-            self.tokenizer, params.stop, params.include_stop_str_in_output
-        )
+        if stream_text or params.stop:
+            self._streams[seq.seq_id] = TextStream(
+                self.tokenizer, params.stop, params.include_stop_str_in_output
+            )
         self._generators[seq.seq_id] = make_generator(params.seed, self.config.device)
         self.scheduler.add(seq)
         self.prompt_tokens += seq.num_prompt_tokens
@@ -170,8 +182,8 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int) -> SeqUpdate:
         seq.token_ids.append(token)
         self.generated_tokens += 1
-        stream = self._streams[seq.seq_id]
-        text, stopped = stream.add(token)
+        stream = self._streams.get(seq.seq_id)
+        text, stopped = stream.add(token) if stream is not None else ("", False)
         reason, stop_reason = None, None
         if stopped:
             reason, stop_reason = "stop", stream.stop_str
@@ -183,7 +195,7 @@ class LLMEngine:
             reason = "length"
         if reason is None:
             return SeqUpdate(seq, [token], text)
-        if not stopped:
+        if not stopped and stream is not None:
             text += stream.finish()
         self.scheduler.release(seq)
         return SeqUpdate(seq, [token], text, output=self._end(seq, reason, stop_reason))
@@ -191,13 +203,19 @@ class LLMEngine:
     def _end(self, seq: Sequence, reason: str, stop_reason=None) -> GenerationOutput:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        stream = self._streams.pop(seq.seq_id)
+        stream = self._streams.pop(seq.seq_id, None)
         self._generators.pop(seq.seq_id, None)
-        if not stream.finished:
-            stream.finish()
+        if stream is None:
+            text = self.tokenizer.decode(
+                seq.generated_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+        else:
+            if not stream.finished:
+                stream.finish()
+            text = stream.text
         return GenerationOutput(
             request_id=seq.seq_id,
-            text=stream.text,
+            text=text,
             token_ids=seq.generated_ids,
             finish_reason=reason,
             usage=Usage(

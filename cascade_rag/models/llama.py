@@ -32,7 +32,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
+    fused: bool = False  # one F.rms_norm kernel (GPU); the reference op order otherwise
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         input_dtype = x.dtype
         x = x.to(torch.float32)
         variance = x.pow(2).mean(-1, keepdim=True)
@@ -134,6 +138,8 @@ class LlamaAttention(nn.Module):
         attn: AttentionBackend,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
+        if self.qkv_weight is not None:
+            return self._fused_forward(x, cos, sin, kv_cache, attn)
         q = self.q_proj(x).view(num_tokens, self.num_qo_heads, self.head_dim)
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -146,6 +152,35 @@ class LlamaAttention(nn.Module):
         out = attn.forward(q, k, v, k_cache, v_cache)  # [num_tokens, num_qo_heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.num_qo_heads * self.head_dim))
 
+    qkv_weight: torch.Tensor | None = None
+    qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """Put q/k/v weights in one matrix (the q/k/v_proj weights become views of it)."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        self.qkv_weight = w
+        sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
+        for proj, part in zip((self.q_proj, self.k_proj, self.v_proj), w.split(sizes)):
+            proj.weight = nn.Parameter(part, requires_grad=False)
+        if self.q_proj.bias is not None:
+            b = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            self.qkv_bias = b
+            for proj, part in zip((self.q_proj, self.k_proj, self.v_proj), b.split(sizes)):
+                proj.bias = nn.Parameter(part, requires_grad=False)
+
+    def _fused_forward(self, x, cos, sin, kv_cache, attn) -> torch.Tensor:
+        # one projection, one RoPE over q and k heads together: fewer kernel launches
+        n, hq, hk, d = x.shape[0], self.num_qo_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(n, hq + 2 * hk, d)
+        qk = qkv[:, : hq + hk]
+        v = qkv[:, hq + hk :]
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :hq]), self.k_norm(qk[:, hq:])], dim=1)
+        qk = apply_rotary(qk, cos, sin)
+        k_cache, v_cache = kv_cache
+        out = attn.forward(qk[:, :hq], qk[:, hq:], v, k_cache, v_cache)
+        return self.o_proj(out.reshape(n, hq * d))
+
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -154,7 +189,20 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+    gate_up_weight: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """Put gate and up weights in one matrix (gate/up_proj weights become views of it)."""
+        w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        self.gate_up_weight = w
+        gate, up = w.split(self.gate_proj.out_features)
+        self.gate_proj.weight = nn.Parameter(gate, requires_grad=False)
+        self.up_proj.weight = nn.Parameter(up, requires_grad=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -231,6 +279,20 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.requires_grad_(False)
+
+    def fuse_for_speed(self) -> None:
+        """Switch to the fused GPU path: q/k/v and gate/up matmuls fused (same parameters,
+        shared storage), single-kernel RMSNorm, one RoPE for q and k. Outputs equal the
+        reference path within rounding, not bit for bit, so the CPU float32 path that must
+        match transformers token for token keeps the reference ops."""
+        if self.model.layers[0].self_attn.qkv_weight is not None:
+            return  # already fused
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.fused = True
 
     @property
     def dtype(self) -> torch.dtype:

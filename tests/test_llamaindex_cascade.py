@@ -9,7 +9,6 @@ uses its own texts so that cache hits are its own.
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 
@@ -249,18 +248,10 @@ def test_usage_reaches_token_counting_handler(engine):
 
 @pytest.fixture(scope="module")
 def index(engine, tmp_path_factory):
-    """The DOCS indexed from a relative folder, so sources (seen by the model) are the same
-    on every run and greedy answers are reproducible."""
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "docs").mkdir()
+    folder = tmp_path_factory.mktemp("docs")
     for name, text in DOCS.items():
-        (root / "docs" / name).write_text(text + "\n")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        return DocumentIndex.from_folder("docs", engine, show_progress=False)
-    finally:
-        os.chdir(cwd)
+        (folder / name).write_text(text + "\n")
+    return DocumentIndex.from_folder(folder, engine, show_progress=False)
 
 
 @pytest.fixture(scope="module")

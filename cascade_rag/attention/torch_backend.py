@@ -367,6 +367,8 @@ class TorchAttention:
         """o: [n*R, Hq, d], lse: [n*R, Hq] for the block's padded rows."""
         n, r, kk = b.num_items, b.max_rows, b.max_kv
         hkv, g, d = self.num_kv_heads, self.group_size, self.head_dim
+        if n == 1 and r > 1 and _flash_cpu is not None and qs.device.type == "cpu":
+            return self._run_block_flash(b, qs, k_flat, v_flat)
         # query head h reads kv head h // g: fold the group into the rows of each kv head
         q_b = qs.index_select(0, b.q_rows).view(n, r, hkv, g, d)
         q_b = q_b.permute(2, 0, 3, 1, 4).reshape(hkv, n, g * r, d)
@@ -388,3 +390,26 @@ class TorchAttention:
         o = o.view(hkv, n, g, r, d).permute(1, 3, 0, 2, 4).reshape(n * r, hkv * g, d)
         lse = lse.view(hkv, n, g, r).permute(1, 3, 0, 2).reshape(n * r, hkv * g)
         return o, lse
+
+    def _run_block_flash(
+        self, b: _Block, qs: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One entry's row band through PyTorch's fused CPU flash-attention kernel (tiled, no
+        score matrix in memory), which also returns the log-sum-exp the merge needs."""
+        r, kk = b.max_rows, b.max_kv
+        hq, hkv, g, d = self.num_qo_heads, self.num_kv_heads, self.group_size, self.head_dim
+        q_b = qs.index_select(0, b.q_rows).transpose(0, 1).unsqueeze(0)  # [1, Hq, R, d]
+
+        def heads(flat: torch.Tensor) -> torch.Tensor:  # [1, Hq, K, d], kv head per q head
+            x = flat.index_select(0, b.kv_slots).view(kk, hkv, 1, d).expand(kk, hkv, g, d)
+            return x.reshape(kk, hq, d).transpose(0, 1).unsqueeze(0)
+
+        mask = None if b.bias is None else b.bias.view(r, kk).to(qs.dtype)
+        o, lse = _flash_cpu(
+            q_b, heads(k_flat), heads(v_flat), 0.0, False, attn_mask=mask, scale=1.0
+        )
+        return o[0].transpose(0, 1), lse[0].transpose(0, 1).float()
+
+
+# PyTorch's fused CPU flash attention returning (output, logsumexp); None where unavailable
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

@@ -150,25 +150,38 @@ class PromptComposer:
             and prompt
             and all(isinstance(m, Mapping) for m in prompt)
         ):
-            return self._split(self._encode_messages(prompt))
+            return self._split(*self._encode_messages(prompt))
         raise TypeError(
             "prompt must be a non-empty str, a list of {'role', 'content'} messages or a "
             f"Composition; got {type(prompt).__name__}"
         )
 
-    def _encode_messages(self, messages) -> list[int]:
+    def _encode_messages(self, messages) -> tuple[list[int], set[int]]:
+        """Token ids of the rendered conversation, and the token counts at which messages end
+        (cut points: a system prompt is a chunk of its own however short it is)."""
         for m in messages:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise TypeError(f"each message needs str 'role' and 'content', got {dict(m)!r}")
         if not any(m["content"].strip() for m in messages):
             raise ValueError("all messages are empty; pass non-empty content")
-        if self.has_chat_template:
-            text = self.tokenizer.apply_chat_template(
-                [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
-            )
-            return self._encode(text)
-        text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
+        messages = [dict(m) for m in messages]
+        if not self.has_chat_template:
+            text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
+            return list(self.tokenizer.encode(text, add_special_tokens=True)), set()
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        try:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:  # a slow tokenizer has no offsets: no message cut points
+            return self._encode(text), set()
+        token_end = {end: i + 1 for i, (_, end) in enumerate(enc["offset_mapping"])}
+        cuts = set()
+        for i in range(1, len(messages)):
+            head = self.tokenizer.apply_chat_template(messages[:i], tokenize=False)
+            if text.startswith(head) and len(head) in token_end:
+                cuts.add(token_end[len(head)])
+        return list(enc["input_ids"]), cuts
 
     def _compose(self, comp: Composition) -> PreparedPrompt:
         chunks: list[Chunk] = []
@@ -201,19 +214,19 @@ class PromptComposer:
             self._line_end = [p.endswith("\n") for p in pieces]
         return self._line_end
 
-    def _split(self, ids: list[int]) -> PreparedPrompt:
-        """Cut whole-prompt token ids after line ends into CONTEXT chunks (ids unchanged)."""
+    def _split(self, ids: list[int], cuts: set[int] = frozenset()) -> PreparedPrompt:
+        """Cut whole-prompt token ids into CONTEXT chunks (the ids are unchanged): at `cuts`
+        (token counts where chat messages end) and after line ends once a piece is long
+        enough. The last token always stays private."""
         if not self.use_chunks:
             return PreparedPrompt(chunks=(), tail_ids=tuple(ids))
         line_end = self._line_ends()
+        min_len = self.auto_chunk_min_tokens
         chunks: list[Chunk] = []
         start = 0
-        for i, tok in enumerate(ids[:-1]):  # the last token always stays private
-            if (
-                i + 1 - start >= self.auto_chunk_min_tokens
-                and tok < len(line_end)
-                and line_end[tok]
-            ):
+        for i, tok in enumerate(ids[:-1]):
+            n = i + 1 - start
+            if (i + 1) in cuts or (n >= min_len and tok < len(line_end) and line_end[tok]):
                 chunks.append(self.registry.register(ids[start : i + 1], type=ChunkType.CONTEXT))
                 start = i + 1
         return PreparedPrompt(chunks=tuple(chunks), tail_ids=tuple(ids[start:]))

@@ -225,3 +225,18 @@ def test_closed_engine_refuses(default_model):
     eng.close()
     with pytest.raises(RuntimeError, match="closed"):
         eng.generate("Hello", SamplingParams(max_tokens=2))
+
+
+def test_chat_messages_are_cut_at_message_ends(engine):
+    """A short system message is a chunk of its own, so a new user turn reuses its KV."""
+    system = {"role": "system", "content": "Be brief."}
+    first = [system, {"role": "user", "content": "Where is Plum?"}]
+    second = [system, {"role": "user", "content": "Name a river."}]
+    prepared = engine.prepare(first)
+    text = engine.tokenizer.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
+    assert prepared.token_ids == engine.tokenizer.encode(text, add_special_tokens=False)
+    head = engine.tokenizer.apply_chat_template([system], tokenize=False)
+    assert prepared.chunks and engine.tokenizer.decode(prepared.chunks[0].token_ids) == head
+    engine.generate(first, SamplingParams(max_tokens=2))
+    out = engine.generate(second, SamplingParams(max_tokens=2))
+    assert out.usage.cached_tokens == len(prepared.chunks[0].token_ids)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from cascade_rag.testing import byte_bpe_tokenizer, save_random_llama
+
 LLAMA_1B_SHAPE = dict(
     hidden_size=2048,
     intermediate_size=8192,
@@ -28,40 +30,12 @@ LLAMA_1B_SHAPE = dict(
 )
 
 
-def make_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|eot|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    words = [f"word{i} token{i * 7} piece{i * 13}" for i in range(4000)]
-    tok.train_from_iterator(words, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eot|>")
-
-
 def make_model_dir(path: str | Path, vocab_size: int = 128256) -> Path:
     """Random Llama-3.2-1B-shaped model (bf16, Llama 3's vocabulary size) plus tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = Path(path)
-    if (path / "config.json").exists():
-        return path
-    tokenizer = make_tokenizer(4096)
-    # pad the vocabulary with plain added tokens so every id the model emits decodes
-    tokenizer.add_tokens([f"<x{i}>" for i in range(len(tokenizer), vocab_size)])
-    vocab = len(tokenizer)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, eos_token_id=0, bos_token_id=0, **LLAMA_1B_SHAPE)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    if not (path / "config.json").exists():
+        tokenizer = byte_bpe_tokenizer(4096, padded_vocab_size=vocab_size)
+        save_random_llama(path, tokenizer=tokenizer, device="cuda", **LLAMA_1B_SHAPE)
     return path
 
 

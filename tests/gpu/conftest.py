@@ -13,10 +13,11 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory):
     """A small random Llama (bf16) whose lm_head is scaled up so greedy margins are wide."""
-    from cascade_rag.testing import save_random_llama
+    from cascade_rag.testing import byte_bpe_tokenizer, save_random_llama
 
     return save_random_llama(
         tmp_path_factory.mktemp("llama"),
+        tokenizer=byte_bpe_tokenizer(600, padded_vocab_size=1024),
         lm_head_scale=30.0,
         hidden_size=256,
         intermediate_size=512,

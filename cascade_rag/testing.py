@@ -6,8 +6,11 @@ Not used by the engine itself.
 
 from __future__ import annotations
 
+import re
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 _CORPUS = [
@@ -72,3 +75,22 @@ def save_random_llama(
     model.to(dtype).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+class WordHashEmbedder:
+    """Bag of words hashed into 64 dimensions, L2-normalised: ranks passages by shared words.
+
+    A stand-in for the sentence-transformers `Embedder` (same `name`/`dim`/`embed` surface)
+    where loading MiniLM would only cost time.
+    """
+
+    name = "word-hash-64"
+    dim = 64
+    batch_size = 32
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in re.findall(r"[a-z]+", text.lower()):
+                vectors[row, zlib.crc32(word.encode()) % self.dim] += 1.0
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-6)

@@ -9,10 +9,7 @@ Runs the default model on one engine with short generations.
 from __future__ import annotations
 
 import asyncio
-import re
-import zlib
 
-import numpy as np
 import pytest
 from langchain_cascade_rag import CascadeRAGLLM, CascadeRAGRetriever, ChatCascadeRAG
 from langchain_core.callbacks import BaseCallbackHandler
@@ -24,6 +21,7 @@ from langchain_core.runnables import RunnablePassthrough
 
 from cascade_rag.llm import CascadeEngine
 from cascade_rag.retrieval import DocumentIndex, Passage, Retriever
+from cascade_rag.testing import WordHashEmbedder
 
 PASSAGES = [
     (
@@ -48,21 +46,6 @@ PASSAGES = [
     ),
 ]
 STEP_SLACK = 3  # prefill steps on top of one step per generated token
-
-
-class WordHashEmbedder:
-    """Bag of words hashed into 64 dimensions, L2-normalised: ranks passages by shared words."""
-
-    name = "word-hash-64"
-    dim = 64
-    batch_size = 32
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            for word in re.findall(r"[a-z]+", text.lower()):
-                vectors[row, zlib.crc32(word.encode()) % self.dim] += 1.0
-        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-6)
 
 
 class TokenRecorder(BaseCallbackHandler):

@@ -13,10 +13,6 @@ Needs the package installed: `pip install -e integrations/langchain-cascade-rag 
 
 from __future__ import annotations
 
-import re
-import zlib
-
-import numpy as np
 import pytest
 from langchain_cascade_rag import CascadeRAGRetriever, ChatCascadeRAG
 from langchain_core.messages import AIMessage, AIMessageChunk
@@ -25,6 +21,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from cascade_rag.llm import CascadeEngine
 from cascade_rag.retrieval import DocumentIndex, Passage
+from cascade_rag.testing import WordHashEmbedder
 
 # The standard async tests are plain `async def`s; this module runs them with pytest-asyncio
 # (the sync ones ignore the mark).
@@ -42,21 +39,6 @@ PASSAGES = [
     ("Zorbian trams run all night between Plum harbour and the old capital of Zorbia.", "tram.md"),
     ("Lantern Sea fishermen sell their catch at the Plum market on Saturdays.", "market.md"),
 ]
-
-
-class WordHashEmbedder:
-    """Bag of words hashed into 64 dimensions, L2-normalised: ranks passages by shared words."""
-
-    name = "word-hash-64"
-    dim = 64
-    batch_size = 32
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            for word in re.findall(r"[a-z]+", text.lower()):
-                vectors[row, zlib.crc32(word.encode()) % self.dim] += 1.0
-        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-6)
 
 
 @pytest.fixture(scope="module", autouse=True)

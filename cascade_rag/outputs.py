@@ -69,6 +69,7 @@ class EngineStats:
     computed_prompt_tokens: int
     generated_tokens: int
     num_preemptions: int
+    num_cascade_steps: int = 0  # steps whose attention used at least one shared level
 
     @property
     def cache_hit_rate(self) -> float:

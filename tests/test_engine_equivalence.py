@@ -124,10 +124,12 @@ GREEDY = SamplingParams(max_tokens=MAX_NEW)
 @pytest.mark.parametrize(
     "options",
     [
-        dict(cascade=True, page_size=16),
+        # cascade_min_shared_tokens=0: shared levels wherever requests share a page, so the
+        # cascade path is exercised even on these short prompts
+        dict(cascade=True, page_size=16, cascade_min_shared_tokens=0),
         dict(cascade=False, page_size=16),
-        dict(cascade=True, page_size=7, max_cascade_levels=4),
-        dict(cascade=True, page_size=1, max_cascade_levels=2),
+        dict(cascade=True, page_size=7, max_cascade_levels=4, cascade_min_shared_tokens=0),
+        dict(cascade=True, page_size=1, max_cascade_levels=2, cascade_min_shared_tokens=0),
         dict(enable_chunk_cache=False, page_size=16),
     ],
     ids=["cascade-p16", "plain-p16", "cascade-p7-4lv", "cascade-p1-2lv", "no-cache"],
@@ -140,6 +142,11 @@ def test_batch16_cold_then_warm(default_model, hf_model, options):
         check_same(engine, hf_model, prompts, cold, f"cold {options}")
         warm = engine.generate(prompts, GREEDY)
         check_same(engine, hf_model, prompts, warm, f"warm {options}")
+        cascade_steps = engine.stats().num_cascade_steps
+        if options.get("cascade_min_shared_tokens") == 0:
+            assert cascade_steps > 0, "no step used a shared level"
+        else:
+            assert cascade_steps == 0
         if options.get("enable_chunk_cache", True):
             # warm: every chunk is cached, only the query tail is computed
             for p, out in zip(prompts, warm):
@@ -154,7 +161,7 @@ def test_batch16_cold_then_warm(default_model, hf_model, options):
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
 def test_small_batches_sequential(default_model, hf_model, batch_size):
     """Batches of 1, 2 and 5 in sequence: later batches reuse what earlier ones cached."""
-    with make_engine(default_model, page_size=16) as engine:
+    with make_engine(default_model, page_size=16, cascade_min_shared_tokens=0) as engine:
         prompts = compositions(engine)[:10]
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
@@ -202,7 +209,9 @@ def test_plain_prompts_and_messages_reuse_prefixes(default_model, hf_model):
 
 def test_preemption_under_a_small_pool(default_model, hf_model):
     """A pool too small for the whole batch preempts and recomputes; outputs stay exact."""
-    with make_engine(default_model, kv_cache_tokens=60 * 8, page_size=8) as engine:
+    with make_engine(
+        default_model, kv_cache_tokens=60 * 8, page_size=8, cascade_min_shared_tokens=0
+    ) as engine:
         prompts = [
             Composition(query=QUERIES[q], chunks=[DOCS[d]], system=SYSTEMS[0])
             for q, d in itertools.islice(zip(range(8), itertools.cycle(range(6))), 8)

@@ -241,4 +241,5 @@ class LLMEngine:
             computed_prompt_tokens=self.computed_prompt_tokens,
             generated_tokens=self.generated_tokens,
             num_preemptions=self.num_preemptions,
+            num_cascade_steps=self.runner.num_cascade_steps,
         )

@@ -45,6 +45,7 @@ class ModelRunner:
         if min_shared_tokens is None:
             min_shared_tokens = getattr(attn, "min_shared_tokens", 0)
         self.min_shared_tokens = min_shared_tokens
+        self.num_cascade_steps = 0  # steps that ran with at least one shared level
         self.device = pool.kv_caches[0][0].device
 
     def build_metadata(self, batch: list[ScheduledSeq]) -> tuple[list[int], AttentionMetadata]:
@@ -66,6 +67,7 @@ class ModelRunner:
             device="cpu",  # index lists: backends move what their kernels read
             min_shared_tokens=self.min_shared_tokens,
         )
+        self.num_cascade_steps += len(levels) > 1
         slots: list[int] = []
         copies: list[tuple[int, int]] = []
         for i in order:

@@ -69,8 +69,9 @@ class Scheduler:
     Args:
         kv: the chunk KV cache.
         max_num_seqs: most sequences running at once.
-        max_num_batched_tokens: most new tokens per step (a single prompt larger than this
-            still runs, alone in its step's prefill part).
+        max_num_batched_tokens: most new tokens per step. The first prompt admitted in a
+            step is admitted whatever its size (so a long prompt is never starved); further
+            prompts join only while the step stays within the budget.
     """
 
     def __init__(self, kv: ChunkKVCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:

@@ -13,7 +13,12 @@ import torch
 
 from cascade_rag.attention import AttentionBackend
 from cascade_rag.attention.metadata import AttentionMetadata
-from cascade_rag.engine.cascade_plan import SeqView, order_for_sharing, plan_levels
+from cascade_rag.engine.cascade_plan import (
+    SeqView,
+    int64_tensor,
+    order_for_sharing,
+    plan_levels,
+)
 from cascade_rag.engine.kv_cache import PagePool
 from cascade_rag.engine.scheduler import ScheduledSeq
 
@@ -73,12 +78,11 @@ class ModelRunner:
         for i in order:
             slots.extend(batch[i].slots)
             copies.extend(batch[i].copies)
-        as_tensor = torch.tensor
         metadata = AttentionMetadata(
             page_size=size,
-            slot_mapping=as_tensor(slots, dtype=torch.int64, device=self.device),
-            copy_src=as_tensor([c[0] for c in copies], dtype=torch.int64, device=self.device),
-            copy_dst=as_tensor([c[1] for c in copies], dtype=torch.int64, device=self.device),
+            slot_mapping=int64_tensor(slots, self.device),
+            copy_src=int64_tensor([c[0] for c in copies], self.device),
+            copy_dst=int64_tensor([c[1] for c in copies], self.device),
             levels=levels,
         )
         return order, metadata
@@ -97,14 +101,12 @@ class ModelRunner:
             last_rows.append(len(input_ids) - 1)
         self.attn.plan(metadata)
         hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=self.device),
-            torch.tensor(positions, dtype=torch.int64, device=self.device),
+            int64_tensor(input_ids, self.device),
+            int64_tensor(positions, self.device),
             self.pool.kv_caches,
             self.attn,
         )
-        logits_sorted = self.model.compute_logits(
-            hidden[torch.tensor(last_rows, device=self.device)]
-        )
+        logits_sorted = self.model.compute_logits(hidden[int64_tensor(last_rows, self.device)])
         logits = torch.empty_like(logits_sorted)
-        logits[torch.tensor(order, device=self.device)] = logits_sorted
+        logits[int64_tensor(order, self.device)] = logits_sorted
         return logits

@@ -48,6 +48,9 @@ def _int32(x: torch.Tensor, device) -> torch.Tensor:
 class FlashInferAttention:
     """FlashInfer backend (see the module docstring).
 
+    `fused_model_ops` tells the engine to switch the model to its fused GPU path
+    (`LlamaForCausalLM.fuse_for_speed`): with bf16 there is no exactness to keep.
+
     Args:
         num_qo_heads, num_kv_heads, head_dim: attention shape.
         page_size: slots per page.
@@ -57,6 +60,8 @@ class FlashInferAttention:
         shared_backend: FlashInfer prefill backend for shared levels ("fa2" splits long key
             ranges across CTAs; "auto" may pick a variant that does not).
     """
+
+    fused_model_ops = True
 
     def __init__(
         self,

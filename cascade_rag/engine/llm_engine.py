@@ -9,6 +9,7 @@ was complete before the step.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ from cascade_rag.engine.scheduler import Scheduler
 from cascade_rag.engine.sequence import PreparedPrompt, Sequence, SequenceStatus
 from cascade_rag.outputs import EngineStats, GenerationOutput, Usage
 from cascade_rag.sampling import Sampler, SamplingParams, make_generator
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +51,9 @@ def make_attention_backend(config: EngineConfig, model_config):
                     "attention_backend='flashinfer' needs the gpu extra: "
                     "pip install 'cascade-rag[gpu]'"
                 ) from exc
+            logger.warning(
+                "FlashInfer is not installed: attention runs in PyTorch on %s", config.device
+            )
         else:
             return FlashInferAttention.for_model(model_config, config)
     from cascade_rag.attention.torch_backend import TorchAttention
@@ -83,7 +89,7 @@ class LLMEngine:
         self.kv = ChunkKVCache(self.pool, registry)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         attn = make_attention_backend(config, mc)
-        if type(attn).__name__ == "FlashInferAttention":
+        if getattr(attn, "fused_model_ops", False):
             model.model.fuse_for_speed()  # GPU: fewer, larger kernels (bf16 tolerance)
         self.runner = ModelRunner(
             model.model,

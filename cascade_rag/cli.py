@@ -99,7 +99,7 @@ def _demo(args: argparse.Namespace) -> int:
         for answer in rag.ask_many(list(data.DEMO_QUESTIONS)):
             _print_answer(answer)
         _print_stats(rag.engine)
-        print("\nA follow-up question reuses the cached chunks:\n")
+        print("\nThe same question in other words gets the same passages, whose KV is cached:\n")
         _print_answer(rag.ask(data.DEMO_FOLLOW_UP))
         _print_stats(rag.engine)
     return 0

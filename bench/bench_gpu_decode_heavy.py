@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_common import Timer, make_model_dir, write_json  # noqa: E402
+from gpu_common import make_model_dir, timed_generate, write_json  # noqa: E402
 
 from cascade_rag.chunks import ChunkType  # noqa: E402
 from cascade_rag.engine.sequence import PreparedPrompt  # noqa: E402
@@ -50,13 +50,8 @@ def run(model_dir, vocab: int, **options) -> dict:
     ]
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     engine.generate(prompts[:1], SamplingParams(max_tokens=2))  # warm-up; caches the context
-    times = []
-    for _ in range(2):  # the context stays cached; each run decodes the whole batch again
-        steps_before = engine.stats().num_steps
-        with Timer() as t:
-            outs = engine.generate(prompts, params)
-        times.append(t.seconds)
-    steps = engine.stats().num_steps - steps_before
+    # the context stays cached; each run decodes the whole batch again
+    times, outs, steps = timed_generate(engine, prompts, params, repeats=2)
     engine.close()
     tokens = sum(len(o.token_ids) for o in outs)
     seconds = min(times)

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_common import Timer, make_model_dir, write_json  # noqa: E402
+from gpu_common import Timer, make_model_dir, timed_generate, write_json  # noqa: E402
 
 from cascade_rag.chunks import ChunkType  # noqa: E402
 from cascade_rag.engine.sequence import PreparedPrompt  # noqa: E402
@@ -105,14 +105,8 @@ def run_engine(model_dir, prompts_args, **options):
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     engine.generate([PreparedPrompt((), (1, 2, 3, 4))] * 4, SamplingParams(max_tokens=8))  # warm-up
     prompts = prompts_for(engine, *prompts_args)
-    times = []
-    for _ in range(REPEATS):  # each run starts from a cold chunk cache
-        engine.clear_cache()
-        steps_before = engine.stats().num_steps
-        with Timer() as t:
-            outs = engine.generate(prompts, params)
-        times.append(t.seconds)
-    steps = engine.stats().num_steps - steps_before
+    # each run starts from a cold chunk cache
+    times, outs, steps = timed_generate(engine, prompts, params, REPEATS, engine.clear_cache)
     engine.close()
     computed = sum(o.usage.prompt_tokens - o.usage.cached_tokens for o in outs)
     return statistics.median(times), [o.token_ids for o in outs], computed, steps

@@ -63,3 +63,17 @@ class Timer:
     def __exit__(self, *exc):
         torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
+
+
+def timed_generate(engine, prompts, params, repeats: int, before_each=None):
+    """Time `engine.generate(prompts, params)` `repeats` times (after `before_each()`, if
+    given). Returns (seconds per run, the last run's outputs, engine steps of the last run)."""
+    times = []
+    for _ in range(repeats):
+        if before_each is not None:
+            before_each()
+        steps_before = engine.stats().num_steps
+        with Timer() as t:
+            outs = engine.generate(prompts, params)
+        times.append(t.seconds)
+    return times, outs, engine.stats().num_steps - steps_before

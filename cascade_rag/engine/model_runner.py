@@ -56,15 +56,15 @@ class ModelRunner:
     def build_metadata(self, batch: list[ScheduledSeq]) -> tuple[list[int], AttentionMetadata]:
         """Batch order (indices into `batch`) and the step's attention metadata."""
         size = self.pool.page_size
-        views = [
-            SeqView(b.page_table, b.kv_len, b.qo_len, tuple(n.node_id for n in b.seq.nodes))
-            for b in batch
-        ]
-        order = (
-            order_for_sharing(views, size)
-            if self.max_cascade_levels > 1
-            else list(range(len(batch)))
-        )
+        if self.max_cascade_levels > 1:
+            views = [
+                SeqView(b.page_table, b.kv_len, b.qo_len, tuple(n.node_id for n in b.seq.nodes))
+                for b in batch
+            ]
+            order = order_for_sharing(views, size)
+        else:  # plain attention: no grouping, no sort
+            views = [SeqView(b.page_table, b.kv_len, b.qo_len) for b in batch]
+            order = list(range(len(batch)))
         levels = plan_levels(
             [views[i] for i in order],
             size,

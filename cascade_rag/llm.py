@@ -12,10 +12,12 @@ It does not retrieve documents (cascade_rag.retrieval) or speak LangChain / Llam
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from cascade_rag.chunks import Chunk, ChunkRegistry, ChunkType
 from cascade_rag.composition import Composition, PromptComposer
@@ -25,15 +27,20 @@ from cascade_rag.engine.sequence import PreparedPrompt, SequenceStatus
 from cascade_rag.outputs import EngineStats, GenerationOutput, StreamDelta
 from cascade_rag.sampling import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 Prompt = str | Sequence[Mapping[str, str]] | Composition | PreparedPrompt
 
 
 class EngineClosedError(RuntimeError):
-    """The engine was closed; create a new one."""
+    """The engine was closed (or dropped); create a new one."""
+
+
+_POLL_S = 0.25  # how often a waiting caller checks that the worker is still alive
 
 
 class _Request:
-    """A submitted request: the worker pushes `SeqUpdate`s to `deliver`."""
+    """A submitted request: the worker pushes `SeqUpdate`s (or an exception) to `deliver`."""
 
     def __init__(
         self,
@@ -49,6 +56,158 @@ class _Request:
         self.deliver = deliver
         self.stream_text = stream_text  # False: text decoded once at the end
         self.seq = None
+        self.aborted = False
+
+
+class _Worker:
+    """The worker thread and everything it touches; holds no reference to `CascadeEngine`.
+
+    So an engine that nobody references any more can be collected: its finalizer closes the
+    worker, which ends its requests, exits, and lets the model and the KV pool go.
+    Locks: `wake` (a condition) guards the inbox, the abort list and `closed` and is only held
+    for list operations; `core_lock` is held by the worker for one step at a time. Callers
+    never wait for `core_lock` to abort or read statistics.
+    """
+
+    def __init__(self, core: LLMEngine, registry: ChunkRegistry) -> None:
+        self.core = core
+        self.registry = registry
+        self.core_lock = threading.Lock()
+        self.wake = threading.Condition()
+        self.inbox: list[_Request] = []
+        self.aborts: list[_Request] = []
+        self.closed = False
+        self.thread: threading.Thread | None = None
+        self.snapshot: EngineStats | None = None
+        self.by_seq: dict[int, _Request] = {}
+
+    # ---- called from any thread --------------------------------------------------------
+
+    def submit(self, requests: list[_Request]) -> None:
+        with self.wake:
+            if self.closed:
+                raise EngineClosedError("the engine is closed")
+            self.inbox.extend(requests)
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self.run, name="cascade-rag-engine", daemon=True
+                )
+                self.thread.start()
+            self.wake.notify_all()
+
+    def abort(self, request: _Request) -> None:
+        """Stop a request; returns at once (the worker drops it before its next step)."""
+        request.deliver = _ignore  # the caller stopped listening
+        with self.wake:
+            request.aborted = True
+            if request in self.inbox:
+                self.inbox.remove(request)
+                return
+            self.aborts.append(request)
+            self.wake.notify_all()
+
+    def stats(self) -> EngineStats:
+        """Current counters, or those of the last finished step while a step runs."""
+        if self.core_lock.acquire(blocking=False):
+            try:
+                return self.core.stats(self.registry)
+            finally:
+                self.core_lock.release()
+        snapshot = self.snapshot
+        if snapshot is not None:
+            return snapshot
+        with self.core_lock:  # only before the first step has finished
+            return self.core.stats(self.registry)
+
+    def close(self, join: bool = True) -> None:
+        with self.wake:
+            self.closed = True
+            self.wake.notify_all()
+        thread = self.thread
+        if join and thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def alive(self) -> bool:
+        thread = self.thread
+        return not self.closed or (thread is not None and thread.is_alive())
+
+    # ---- the worker thread -------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while self._one_step():
+                pass
+        finally:
+            with self.core_lock:
+                self._end_all(EngineClosedError("the engine was closed"))
+
+    def _one_step(self) -> bool:
+        with self.wake:
+            while (
+                not self.inbox and not self.aborts and not self.closed and not self.core.has_work()
+            ):
+                self.wake.wait()
+            if self.closed:
+                return False
+            new, self.inbox = self.inbox, []
+            aborts, self.aborts = self.aborts, []
+        updates = []
+        with self.core_lock:
+            try:
+                for req in new:
+                    self._admit(req)
+                for req in aborts:
+                    self._drop(req)
+                if self.core.has_work():
+                    updates = self.core.step()
+            except Exception as exc:  # noqa: BLE001 - a bug in the core: its requests end
+                logger.exception("engine step failed; ending its requests")
+                self._end_all(exc)
+            self.snapshot = self.core.stats(self.registry)
+        for update in updates:
+            req = self.by_seq.get(update.seq.seq_id)
+            if req is None:
+                continue
+            if update.output is not None or update.error is not None:
+                del self.by_seq[update.seq.seq_id]
+            _deliver(req, update.error if update.error is not None else update)
+        return True
+
+    def _admit(self, req: _Request) -> None:
+        if req.aborted:
+            return
+        try:
+            req.seq = self.core.add_request(
+                req.prepared, req.params, req.max_tokens, req.stream_text
+            )
+        except Exception as exc:  # noqa: BLE001 - this request fails alone
+            logger.warning("request could not be admitted: %r", exc)
+            _deliver(req, exc)
+            return
+        self.by_seq[req.seq.seq_id] = req
+
+    def _drop(self, req: _Request) -> None:
+        if req.seq is None:
+            return
+        self.by_seq.pop(req.seq.seq_id, None)
+        if req.seq.status is not SequenceStatus.FINISHED:
+            self.core.abort(req.seq)
+
+    def _end_all(self, exc: BaseException) -> None:
+        """End every request the worker knows with `exc`, releasing their pages."""
+        with self.wake:
+            pending, self.inbox = self.inbox, []
+            self.aborts = []
+        requests = list(self.by_seq.values())
+        self.by_seq = {}
+        for req in requests:
+            if req.seq is not None and req.seq.status is not SequenceStatus.FINISHED:
+                try:
+                    self.core.abort(req.seq)
+                except Exception:  # noqa: BLE001 - keep ending the others
+                    logger.exception("could not release request %d", req.seq.seq_id)
+        for req in requests + pending:
+            _deliver(req, exc)
 
 
 class CascadeEngine:
@@ -60,6 +219,16 @@ class CascadeEngine:
             Overrides `config.model` when given.
         config: engine configuration; keyword arguments override its fields.
 
+    Raises:
+        TypeError: an unknown keyword argument.
+        ValueError: a configuration the machine cannot run (no CUDA, float32 with FlashInfer,
+            a KV pool larger than free memory), with the fix.
+
+    The engine never wedges: a request that fails (bad options, a failure while admitting,
+    computing or sampling it) ends with its own error and the others go on; aborts and
+    `stats()` never wait for more than one step; `close()` (or dropping the engine) ends
+    running and queued requests with `EngineClosedError` and stops the worker thread.
+
     Example:
         >>> engine = CascadeEngine(kv_cache_tokens=8192)
         >>> doc = engine.register_chunk("Plum is the capital of Zorbia.")
@@ -70,22 +239,30 @@ class CascadeEngine:
     """
 
     def __init__(self, model=None, *, config: EngineConfig | None = None, **overrides) -> None:
-        import torch
-
         from cascade_rag.models.loader import LoadedModel, load_model
 
+        if config is not None and not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
         config = config or EngineConfig()
+        unknown = sorted(set(overrides) - {f.name for f in fields(EngineConfig)})
+        if unknown:
+            raise TypeError(
+                f"unknown engine option(s) {', '.join(unknown)}; the options are the fields "
+                "of cascade_rag.config.EngineConfig"
+            )
         loaded = model if isinstance(model, LoadedModel) else None
         if model is not None and loaded is None:
             overrides["model"] = model
         if overrides:
             config = replace(config, **overrides)
+        config.check_runtime()
         self.config = config
-        dtype = getattr(torch, config.dtype)
+        dtype = config.torch_dtype
         if loaded is not None:
             if loaded.model.dtype != dtype:
                 raise ValueError(
-                    f"the loaded model is {loaded.model.dtype} but the config asks {config.dtype}"
+                    f"the loaded model is {loaded.model.dtype} but the config asks "
+                    f"{config.resolved_dtype}; pass dtype={str(loaded.model.dtype)[6:]!r}"
                 )
             self.model = loaded
         else:
@@ -94,27 +271,33 @@ class CascadeEngine:
             )
         self.tokenizer = self.model.tokenizer
         self.model_config = self.model.config
+        self.vocab_size = self.model_config.vocab_size
         mc_len = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or mc_len, mc_len)
         namespace = f"{self.model.model_id}|{type(self.tokenizer).__name__}:{len(self.tokenizer)}"
-        self.registry = ChunkRegistry(namespace, capacity=config.chunk_registry_capacity)
+        self.registry = ChunkRegistry(
+            namespace,
+            capacity=config.chunk_registry_capacity,
+            capacity_bytes=config.chunk_registry_bytes,
+        )
         self.composer = PromptComposer(
             self.tokenizer,
             self.registry,
             auto_chunk_min_tokens=config.auto_chunk_min_tokens,
             use_chunks=config.enable_chunk_cache,
         )
-        self._core = LLMEngine(config, self.model, self.registry)
         self._compose_lock = threading.Lock()
-        self._core_lock = threading.Lock()
-        self._wake = threading.Condition()
-        self._inbox: list[_Request] = []
-        self._closed = False
-        self._worker: threading.Thread | None = None
+        self._worker = _Worker(LLMEngine(config, self.model, self.registry), self.registry)
+        # dropping the engine stops its worker (which holds no reference back to it)
+        self._finalizer = weakref.finalize(self, _Worker.close, self._worker, False)
+
+    @property
+    def _core(self) -> LLMEngine:
+        return self._worker.core
 
     @property
     def model_name(self) -> str:
-        """The model's identity (name and a digest of its files)."""
+        """The model's identity (name and a digest of its content)."""
         return self.model.model_id
 
     # ---- chunks ------------------------------------------------------------------------
@@ -125,7 +308,8 @@ class CascadeEngine:
         """Register text as a chunk (by the content hash of its token ids) and return it.
 
         A SYSTEM_PROMPT chunk is wrapped in the chat template's system turn. Registering the
-        same text again returns the same chunk.
+        same text again returns the same chunk. The text is tokenized as plain text: strings
+        that look like the model's control tokens stay text.
         """
         with self._compose_lock:
             return self.composer.register_text(text, type, metadata)
@@ -138,20 +322,44 @@ class CascadeEngine:
         self, token_ids: Sequence[int], type: ChunkType = ChunkType.RAG_RESULT
     ) -> Chunk:
         """Register already tokenized text as a chunk (no separator is added)."""
-        return self.registry.register(list(token_ids), type=type)
+        ids = list(token_ids)
+        self._check_token_ids(ids, "token_ids")
+        return self.registry.register(ids, type=type)
 
     def prepare(self, prompt: Prompt) -> PreparedPrompt:
         """Tokenize and chunk a prompt without running it (see `Composition`).
 
-        A `PreparedPrompt` (chunks + private token ids) is returned as it is, so callers
-        that tokenize themselves can pass one to `generate`.
+        Its chunks are registered. A `PreparedPrompt` (chunks + private token ids) is
+        checked and its chunks adopted by this engine's registry, so callers that tokenize
+        themselves can pass one to `generate`.
         """
+        prepared = self._prepare(prompt)
+        with self._compose_lock:
+            return self.composer.commit(prepared)
+
+    def _prepare(self, prompt: Prompt) -> PreparedPrompt:
+        """Tokenize and chunk without registering anything (see `prepare`)."""
         if isinstance(prompt, PreparedPrompt):
+            self._check_token_ids(prompt.token_ids, "prompt")
             if not self.config.enable_chunk_cache and prompt.chunks:
                 return PreparedPrompt(chunks=(), tail_ids=tuple(prompt.token_ids))
-            return prompt
+            with self._compose_lock:
+                chunks = tuple(self.registry.adopt(c) for c in prompt.chunks)
+            return PreparedPrompt(chunks=chunks, tail_ids=prompt.tail_ids)
         with self._compose_lock:
-            return self.composer.prepare(prompt)
+            prepared = self.composer.prepare(prompt, register=False)
+        self._check_token_ids(prepared.token_ids, "prompt")
+        return prepared
+
+    def _check_token_ids(self, ids: Sequence[int], what: str) -> None:
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
+        if bad:
+            raise TypeError(f"{what} token ids must be ints, got {bad[0]!r}")
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            t = next(t for t in ids if t < 0 or t >= self.vocab_size)
+            raise ValueError(
+                f"{what} has token id {t}, outside the model's vocabulary [0, {self.vocab_size})"
+            )
 
     # ---- generation --------------------------------------------------------------------
 
@@ -170,6 +378,9 @@ class CascadeEngine:
             one `GenerationOutput` for one prompt, a list for a list.
         Raises:
             ValueError / TypeError: a bad prompt or parameter (nothing is submitted then).
+            Whatever a request failed with while running (only that request's error).
+            EngineClosedError: the engine was closed meanwhile.
+            KeyboardInterrupt: the requests are aborted first.
         """
         single = not _is_batch(prompts)
         batch = [prompts] if single else list(prompts)
@@ -183,32 +394,39 @@ class CascadeEngine:
         else:
             params = [sampling] * len(batch)
         sinks = [queue.SimpleQueue() for _ in batch]
-        requests = [
-            self._make_request(p, sp, sink.put, stream_text=False)
-            for p, sp, sink in zip(batch, params, sinks)
-        ]
-        self._submit(requests)
-        outputs = [_drain(sink) for sink in sinks]
+        requests = self._make_requests(
+            [(p, sp, sink.put) for p, sp, sink in zip(batch, params, sinks)], stream_text=False
+        )
+        self._worker.submit(requests)
+        try:
+            outputs = [self._drain(sink) for sink in sinks]
+        except BaseException:
+            for request in requests:
+                self._worker.abort(request)
+            raise
         return outputs[0] if single else outputs
 
     def stream(
         self, prompt: Prompt, sampling: SamplingParams | None = None
     ) -> Iterator[StreamDelta]:
-        """Yield `StreamDelta`s as text is generated; the last one carries the output."""
+        """Yield `StreamDelta`s as text is generated; the last one carries the output.
+
+        Leaving the loop early (break, an exception, Ctrl-C) aborts the request.
+        """
         sink: queue.SimpleQueue = queue.SimpleQueue()
-        request = self._make_request(prompt, sampling, sink.put)
-        self._submit([request])
+        (request,) = self._make_requests([(prompt, sampling, sink.put)], stream_text=True)
+        self._worker.submit([request])
         finished = False
         try:
             while True:
-                delta = _to_delta(sink.get())
+                delta = _to_delta(self._get(sink))
                 finished = delta.finished
                 yield delta
                 if finished:
                     return
         finally:
             if not finished:
-                self._abort(request)
+                self._worker.abort(request)
 
     async def agenerate(
         self, prompt: Prompt, sampling: SamplingParams | None = None
@@ -222,7 +440,8 @@ class CascadeEngine:
     async def astream(
         self, prompt: Prompt, sampling: SamplingParams | None = None
     ) -> AsyncIterator[StreamDelta]:
-        """Async `stream`."""
+        """Async `stream`; cancelling the task or closing the iterator aborts the request
+        without blocking the event loop."""
         async for delta in self._astream(prompt, sampling, stream_text=True):
             yield delta
 
@@ -231,42 +450,46 @@ class CascadeEngine:
     ) -> AsyncIterator[StreamDelta]:
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue = asyncio.Queue()
-        request = self._make_request(
-            prompt,
-            sampling,
-            lambda item: loop.call_soon_threadsafe(sink.put_nowait, item),
+        (request,) = self._make_requests(
+            [(prompt, sampling, lambda item: loop.call_soon_threadsafe(sink.put_nowait, item))],
             stream_text=stream_text,
         )
-        self._submit([request])
+        self._worker.submit([request])
         finished = False
         try:
             while True:
-                delta = _to_delta(await sink.get())
+                try:
+                    item = await asyncio.wait_for(sink.get(), _POLL_S)
+                except TimeoutError:
+                    self._check_alive()
+                    continue
+                delta = _to_delta(item)
                 finished = delta.finished
                 yield delta
                 if finished:
                     return
         finally:
             if not finished:
-                self._abort(request)
+                self._worker.abort(request)  # never blocks: the worker drops it
 
     def stats(self) -> EngineStats:
-        """Chunk registry, KV cache and scheduler counters."""
-        with self._core_lock:
-            return self._core.stats(self.registry)
+        """Chunk registry, KV cache and scheduler counters (at most one step old)."""
+        return self._worker.stats()
 
     def clear_cache(self) -> int:
         """Evict every chunk KV node no running request uses; returns pages freed."""
-        with self._core_lock:
+        with self._worker.core_lock:
             return self._core.kv.clear()
 
+    @property
+    def closed(self) -> bool:
+        return self._worker.closed
+
     def close(self) -> None:
-        """Stop the worker; requests still running end with `EngineClosedError`."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify_all()
-        if self._worker is not None:
-            self._worker.join()
+        """Stop the engine: running and queued requests end with `EngineClosedError`, the
+        worker thread is joined, and later calls raise `EngineClosedError` at once."""
+        self._worker.close(join=True)
+        self._finalizer.detach()
 
     def __enter__(self) -> CascadeEngine:
         return self
@@ -276,13 +499,25 @@ class CascadeEngine:
 
     # ---- internals ---------------------------------------------------------------------
 
-    def _make_request(
-        self, prompt: Prompt, sampling: SamplingParams | None, deliver, stream_text: bool = True
-    ) -> _Request:
+    def _make_requests(self, items, stream_text: bool) -> list[_Request]:
+        """Validate every request, then register their chunks; nothing is registered (and
+        nothing submitted) if one of them is refused."""
+        if self._worker.closed:
+            raise EngineClosedError("the engine is closed")
+        checked = [self._check_request(p, sp) for p, sp, _ in items]
+        requests = []
+        with self._compose_lock:
+            for (prepared, params, max_tokens), (_, _, deliver) in zip(checked, items):
+                prepared = self.composer.commit(prepared)
+                requests.append(_Request(prepared, params, max_tokens, deliver, stream_text))
+        return requests
+
+    def _check_request(self, prompt: Prompt, sampling: SamplingParams | None):
         params = sampling if sampling is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling must be SamplingParams, got {type(params).__name__}")
-        prepared = self.prepare(prompt)
+        params.check_vocab(self.vocab_size)
+        prepared = self._prepare(prompt)
         n = len(prepared.token_ids)
         if n >= self.max_model_len:
             raise ValueError(
@@ -298,66 +533,24 @@ class CascadeEngine:
                 f"KV pages but the pool has {self.config.num_pages}; raise kv_cache_tokens or "
                 "lower max_tokens"
             )
-        return _Request(prepared, params, max_tokens, deliver, stream_text)
+        return prepared, params, max_tokens
 
-    def _submit(self, requests: list[_Request]) -> None:
-        with self._wake:
-            if self._closed:
-                raise EngineClosedError("the engine is closed")
-            self._inbox.extend(requests)
-            if self._worker is None:
-                self._worker = threading.Thread(
-                    target=self._run, name="cascade-rag-engine", daemon=True
-                )
-                self._worker.start()
-            self._wake.notify_all()
+    def _check_alive(self) -> None:
+        if not self._worker.alive():
+            raise EngineClosedError("the engine was closed")
 
-    def _abort(self, request: _Request) -> None:
-        request.deliver = _ignore  # the caller stopped listening
-        with self._wake:
-            if request in self._inbox:
-                self._inbox.remove(request)
-                return
-        with self._core_lock:
-            if request.seq is not None:
-                self._core.abort(request.seq)
-
-    def _run(self) -> None:
-        by_seq: dict[int, _Request] = {}
+    def _get(self, sink: queue.SimpleQueue):
         while True:
-            with self._wake:
-                while not self._inbox and not self._core.has_work() and not self._closed:
-                    self._wake.wait()
-                if self._closed:
-                    break
-                new, self._inbox = self._inbox, []
-            with self._core_lock:
-                for req in new:
-                    req.seq = self._core.add_request(
-                        req.prepared, req.params, req.max_tokens, req.stream_text
-                    )
-                    by_seq[req.seq.seq_id] = req
-                try:
-                    updates = self._core.step()
-                except BaseException as exc:  # noqa: BLE001 - keep the worker alive
-                    updates = []
-                    for seq_id, req in list(by_seq.items()):
-                        if req.seq.status is not SequenceStatus.FINISHED:
-                            self._core.abort(req.seq)
-                        _deliver(req, exc)
-                        del by_seq[seq_id]
-            for update in updates:
-                req = by_seq.get(update.seq.seq_id)
-                if req is None:
-                    continue
-                _deliver(req, update.error if update.error is not None else update)
-                if update.output is not None or update.error is not None:
-                    del by_seq[update.seq.seq_id]
-            for seq_id in [i for i, r in by_seq.items() if r.seq.status is SequenceStatus.FINISHED]:
-                del by_seq[seq_id]  # aborted by their callers
-        closed = EngineClosedError("the engine was closed")
-        for req in list(by_seq.values()) + self._inbox:
-            _deliver(req, closed)
+            try:
+                return sink.get(timeout=_POLL_S)
+            except queue.Empty:
+                self._check_alive()
+
+    def _drain(self, sink: queue.SimpleQueue) -> GenerationOutput:
+        while True:
+            delta = _to_delta(self._get(sink))
+            if delta.output is not None:
+                return delta.output
 
 
 def _ignore(item) -> None:
@@ -384,12 +577,9 @@ def _to_delta(item: SeqUpdate | BaseException) -> StreamDelta:
     if isinstance(item, BaseException):
         raise item
     return StreamDelta(
-        request_id=item.seq.seq_id, text=item.text, token_ids=item.token_ids, output=item.output
+        request_id=item.seq.seq_id,
+        text=item.text,
+        token_ids=item.token_ids,
+        output=item.output,
+        logprobs=item.logprobs,
     )
-
-
-def _drain(sink: queue.SimpleQueue) -> GenerationOutput:
-    while True:
-        delta = _to_delta(sink.get())
-        if delta.output is not None:
-            return delta.output

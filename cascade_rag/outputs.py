@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from cascade_rag.chunks import ChunkStats
 from cascade_rag.engine.kv_cache import KVCacheStats
+from cascade_rag.sampling import TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,10 @@ class GenerationOutput:
 
     text: generated text (stop string removed unless asked to keep it); token_ids: generated
     token ids (the end-of-sequence token included when it ended the request); finish_reason:
-    "stop" (end of sequence, stop string or stop token) or "length" (max_tokens or context).
+    "stop" (end of sequence, stop string or stop token) or "length" (max_tokens or context);
+    stop_reason: the stop string or stop token id that ended it; logprobs: with
+    `SamplingParams(logprobs=n)`, one `TokenLogprob` per generated token (the sampled token's
+    log-probability and rank, and the n most likely tokens).
     """
 
     request_id: int
@@ -40,6 +44,7 @@ class GenerationOutput:
     finish_reason: str
     usage: Usage
     stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per generated token when asked
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class StreamDelta:
     text: str
     token_ids: list[int]
     output: GenerationOutput | None = None
+    logprobs: list[TokenLogprob] | None = None  # of this delta's tokens, when asked
 
     @property
     def finished(self) -> bool:
@@ -70,8 +76,15 @@ class EngineStats:
     generated_tokens: int
     num_preemptions: int
     num_cascade_steps: int = 0  # steps whose attention used at least one shared level
+    recomputed_tokens: int = 0  # prompt positions computed again (after preemption or retry)
 
     @property
     def cache_hit_rate(self) -> float:
-        """Fraction of prompt tokens served from the chunk cache."""
-        return 1.0 - self.computed_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        """Fraction of prompt tokens served from the chunk cache, in [0, 1].
+
+        Counts each prompt position once: recomputation after a preemption is reported in
+        `recomputed_tokens`, not here.
+        """
+        if not self.prompt_tokens:
+            return 0.0
+        return min(1.0, max(0.0, 1.0 - self.computed_prompt_tokens / self.prompt_tokens))

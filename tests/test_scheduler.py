@@ -118,7 +118,8 @@ class FakeEngine:
         plan = self.sched.schedule()
         self.num_steps += 1
         self.check_plan(plan, running_before)
-        for seq in plan.failed:
+        for seq, exc in plan.failed:
+            assert isinstance(exc, Exception), "every failure carries its error"
             self._fail(seq)
         if not plan.scheduled:
             if self.sched.waiting and not self.sched.running:  # as LLMEngine.step does
@@ -223,6 +224,11 @@ class FakeEngine:
             f"with {len(prefill)} prompts admitted"
         )
         for seq in plan.preempted:
+            # the most recently admitted sequence yields first (vLLM's rule)
+            assert running_before.index(seq) >= max(
+                (running_before.index(e.seq) for e in plan.scheduled if e.seq in running_before),
+                default=-1,
+            ), "preemption picked an older sequence while a newer one kept running"
             assert seq.status is SequenceStatus.WAITING and seq in sched.waiting
             assert not seq.nodes and not seq.private_pages and seq.num_kv == 0
         for seq in sched.waiting:
@@ -554,3 +560,27 @@ def test_random_workloads_keep_page_tables_exact(w):
     eng.kv.clear()
     assert eng.pool.num_free == eng.pool.num_pages, "no page leaks"
     assert eng.registry.stats().referenced == 0
+
+
+def test_preemption_takes_the_newest_even_when_it_is_the_one_growing():
+    """With no free page, the newest running sequence yields, also when it is the one asking."""
+    page_size = 4
+    eng = FakeEngine(page_size=page_size, num_pages=6)
+    a = eng.add(prompt([], [1, 2, 3]), max_tokens=12)
+    eng.step()  # a: 3 prompt tokens + 1 generated in its first page
+    b = eng.add(prompt([], [4, 5, 6]), max_tokens=12)
+    eng.step()
+    assert eng.sched.running == [a, b]
+    preempted = []
+    for _ in range(40):
+        if not eng.sched.has_work():
+            break
+        plan = eng.step()
+        preempted.extend(plan.preempted)
+        if preempted:
+            break
+    assert preempted, "the pool is small enough to preempt"
+    assert preempted[0] is b, "the older request kept running; the newest yielded"
+    assert a.status is SequenceStatus.RUNNING
+    eng.run()
+    assert not eng.failed and {id(s) for s in eng.finished} == {id(a), id(b)}

@@ -105,7 +105,7 @@ class FlashInferAttention:
             model_config.num_kv_heads,
             model_config.head_dim,
             engine_config.page_size,
-            getattr(torch, engine_config.dtype),
+            engine_config.torch_dtype,
             engine_config.device,
             max_levels=max(engine_config.levels, 1),
         )

@@ -242,8 +242,11 @@ class TextStream:
         """The generated token ids added so far."""
         return self._detokenizer.token_ids
 
-    def add(self, token_id: int) -> tuple[str, bool]:
+    def add(self, token_id: int, check_stop: bool = True) -> tuple[str, bool]:
         """Append one generated token.
+
+        With `check_stop` False (before `min_tokens` are generated) stop strings are not
+        looked for in this token's text.
 
         Returns:
             `(delta, stopped)`: text that is now safe to show (it is never withdrawn), and
@@ -252,7 +255,7 @@ class TextStream:
         """
         if self._finished:
             raise RuntimeError("TextStream.add() after the stream finished; start a new stream")
-        return self._release(self._detokenizer.add(token_id))
+        return self._release(self._detokenizer.add(token_id), check_stop)
 
     def finish(self) -> str:
         """End the stream for a reason other than a stop string; return the held-back text.
@@ -271,8 +274,12 @@ class TextStream:
         self._released += rest
         return delta + rest
 
-    def _release(self, new_text: str) -> tuple[str, bool]:
+    def _release(self, new_text: str, check_stop: bool = True) -> tuple[str, bool]:
         window = self._pending + new_text
+        if not check_stop:
+            self._pending = ""
+            self._released += window
+            return window, False
         match = self._checker.find(window)
         if match is not None:
             cut, self.stop_str = match

@@ -203,18 +203,37 @@ class ChunkKVCache:
     def lookup(self, parent: ChunkNode, chunk: Chunk) -> ChunkNode | None:
         node = parent.children.get(chunk.id)
         if node is not None:
-            assert node.chunk.token_ids == chunk.token_ids, "chunk id collision"
+            if node.chunk.token_ids != chunk.token_ids:  # a caller's chunk, not an invariant
+                raise ValueError(
+                    f"chunk id collision: {chunk.id!r} is cached for {len(node.chunk)} other "
+                    f"tokens than the {len(chunk)} given; build chunks with the engine's "
+                    "register_chunk() so ids are content hashes"
+                )
             node.last_used = next(self._clock)
         return node
 
     def create(self, parent: ChunkNode, chunk: Chunk) -> ChunkNode:
         """Create a node for `chunk` after `parent`; its KV is computed by the current step."""
         assert chunk.id not in parent.children
+        if self._registry is not None:  # re-registers the chunk if the registry dropped it
+            held = self._registry.register(
+                chunk.token_ids, chunk.type, chunk.text, chunk.metadata, acquire=True
+            )
+            if held.id != chunk.id:
+                self._registry.release(held.id)
+                raise ValueError(
+                    f"chunk {chunk.id!r} was not made by this engine's registry (its id here "
+                    f"would be {held.id!r}); register it with the engine first"
+                )
         start = parent.end
         end = start + len(chunk.token_ids)
         parent.pins += 1  # the allocation below must not evict the parent
         try:
             pages = self.alloc(self.pages_for(start, end))
+        except BaseException:
+            if self._registry is not None:
+                self._registry.release(chunk.id)
+            raise
         finally:
             parent.pins -= 1
         node = ChunkNode(
@@ -227,10 +246,6 @@ class ChunkKVCache:
             last_used=next(self._clock),
         )
         parent.children[chunk.id] = node
-        if self._registry is not None:  # re-registers the chunk if the registry dropped it
-            self._registry.register(
-                chunk.token_ids, chunk.type, chunk.text, chunk.metadata, acquire=True
-            )
         self._num_nodes += 1
         self._cached_tokens += node.num_tokens
         return node

@@ -22,7 +22,13 @@ from cascade_rag.engine.model_runner import ModelRunner
 from cascade_rag.engine.scheduler import Scheduler
 from cascade_rag.engine.sequence import PreparedPrompt, Sequence, SequenceStatus
 from cascade_rag.outputs import EngineStats, GenerationOutput, Usage
-from cascade_rag.sampling import Sampler, SamplingParams, make_generator
+from cascade_rag.sampling import (
+    Sampler,
+    SamplerOutput,
+    SamplingParams,
+    TokenLogprob,
+    make_generator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +42,7 @@ class SeqUpdate:
     text: str
     output: GenerationOutput | None = None
     error: BaseException | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 def make_attention_backend(config: EngineConfig, model_config):
@@ -77,13 +84,17 @@ class LLMEngine:
         self.model = model
         self.tokenizer = model.tokenizer
         mc = model.config
+        dtype = model.model.dtype
+        config.check_kv_pool_fits(
+            2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * dtype.itemsize
+        )
         self.pool = PagePool(
             config.num_pages,
             config.page_size,
             mc.num_layers,
             mc.num_kv_heads,
             mc.head_dim,
-            dtype=model.model.dtype,
+            dtype=dtype,
             device=config.device,
         )
         self.kv = ChunkKVCache(self.pool, registry)
@@ -98,10 +109,10 @@ class LLMEngine:
             config.levels,
             config.cascade_min_shared_tokens,
         )
-        self.sampler = Sampler()
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.sampler = Sampler(self.eos_token_ids)
         self._streams: dict[int, TextStream] = {}
         self._generators: dict[int, torch.Generator | None] = {}
         self.num_steps = 0
@@ -109,6 +120,7 @@ class LLMEngine:
         self.computed_prompt_tokens = 0
         self.generated_tokens = 0
         self.num_preemptions = 0
+        self.recomputed_tokens = 0  # prompt positions computed again (preemption, retries)
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -131,7 +143,6 @@ class LLMEngine:
             )
         self._generators[seq.seq_id] = make_generator(params.seed, self.config.device)
         self.scheduler.add(seq)
-        self.prompt_tokens += seq.num_prompt_tokens
         return seq
 
     def abort(self, seq: Sequence) -> None:
@@ -150,61 +161,135 @@ class LLMEngine:
     # ---- one step ----------------------------------------------------------------------
 
     def step(self) -> list[SeqUpdate]:
-        """Schedule and run one forward pass; returns an update per request it touched."""
-        plan = self.scheduler.schedule()
+        """Schedule and run one forward pass; returns an update per request it touched.
+
+        Never raises for a request's failure: a request that fails (admission, pages, its own
+        sampling or stop handling) ends with its error in its update, and the others go on.
+        When the forward pass of several requests fails, they are recomputed one per step
+        (`Scheduler.requeue_isolated`) so only the request that fails alone gets the error.
+        """
+        try:
+            plan = self.scheduler.schedule()
+        except Exception as exc:  # noqa: BLE001 - not attributable: the running requests end
+            logger.exception("scheduling failed; ending the running requests")
+            return [self._fail(seq, exc) for seq in self._drop_running()]
         self.num_preemptions += len(plan.preempted)
-        failed = [self._fail(seq, OutOfPagesError(self._too_big(seq))) for seq in plan.failed]
+        updates = [self._fail(seq, exc) for seq, exc in plan.failed]
         if not plan.scheduled:
             if self.scheduler.waiting and not self.scheduler.running:
                 seq = self.scheduler.waiting.popleft()
-                failed.append(self._fail(seq, OutOfPagesError(self._too_big(seq))))
-            return failed
+                updates.append(self._fail(seq, OutOfPagesError(self.scheduler.too_big(seq))))
+            return updates
         try:
             logits = self.runner.run(plan.scheduled)
         except Exception as exc:  # noqa: BLE001 - the step's requests get the error
             self.scheduler.finish_step(plan, failed=True)
-            return failed + [self._fail(e.seq, exc) for e in plan.scheduled]
+            seqs = [e.seq for e in plan.scheduled]
+            if len(seqs) == 1:
+                logger.warning("request %d failed in the model: %r", seqs[0].seq_id, exc)
+                return updates + [self._fail(seqs[0], exc)]
+            logger.warning(
+                "a step of %d requests failed in the model (%r); rerunning each alone",
+                len(seqs),
+                exc,
+            )
+            self.scheduler.requeue_isolated(seqs)
+            return updates
         self.scheduler.finish_step(plan, failed=False)
         self.num_steps += 1
         seqs = [e.seq for e in plan.scheduled]
         for e in plan.scheduled:
-            self.computed_prompt_tokens += max(
-                0, min(e.kv_len, e.seq.num_prompt_tokens) - e.q_start
-            )
-        tokens = self.sampler.sample(
+            seq = e.seq
+            done = min(e.kv_len, seq.num_prompt_tokens)
+            if seq.num_prompt_computed == 0:  # first computation: count the prompt once
+                self.prompt_tokens += seq.num_prompt_tokens
+            first = max(e.q_start, seq.num_prompt_computed)
+            self.computed_prompt_tokens += max(0, done - first)
+            self.recomputed_tokens += max(0, min(done, seq.num_prompt_computed) - e.q_start)
+            seq.num_prompt_computed = max(seq.num_prompt_computed, done)
+        for seq, sampled in zip(seqs, self._sample(logits, seqs)):
+            if isinstance(sampled, BaseException):
+                self.scheduler.release(seq)
+                updates.append(self._fail(seq, sampled))
+                continue
+            try:
+                updates.append(self._append(seq, *sampled))
+            except Exception as exc:  # noqa: BLE001 - e.g. detokenizing failed: this one ends
+                logger.warning("request %d failed after sampling: %r", seq.seq_id, exc)
+                if seq.status is not SequenceStatus.FINISHED:
+                    self.scheduler.release(seq)
+                    updates.append(self._fail(seq, exc))
+        return updates
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
+        """(token, logprob) per row, or the row's own exception.
+
+        One batched call; if it raises, each row is sampled alone (with its generator state
+        restored), so a row whose options fail does not take the batch down.
+        """
+        gens = [self._generators[s.seq_id] for s in seqs]
+        states = [g.get_state() if g is not None else None for g in gens]
+        try:
+            out = self._sample_rows(logits, seqs, gens)
+            return list(zip(out.token_ids, out.logprobs))
+        except Exception as exc:  # noqa: BLE001 - find the row(s) that fail
+            logger.warning("batched sampling failed (%r); sampling rows one by one", exc)
+        results: list = []
+        for i, (seq, gen, state) in enumerate(zip(seqs, gens, states)):
+            if gen is not None:
+                gen.set_state(state)
+            try:
+                out = self._sample_rows(logits[i : i + 1], [seq], [gen])
+                results.append((out.token_ids[0], out.logprobs[0]))
+            except Exception as exc:  # noqa: BLE001 - this row fails alone
+                results.append(exc)
+        return results
+
+    def _sample_rows(self, logits, seqs, gens) -> SamplerOutput:
+        return self.sampler.sample_step(
             logits,
             [s.params for s in seqs],
-            [self._generators[s.seq_id] for s in seqs],
-        ).tolist()
-        return failed + [self._append(seq, tok) for seq, tok in zip(seqs, tokens)]
-
-    def _too_big(self, seq: Sequence) -> str:
-        return (
-            f"request {seq.seq_id} ({len(seq.token_ids)} tokens) does not fit in the KV pool "
-            f"({self.pool.num_pages} pages of {self.pool.page_size} tokens); raise "
-            "EngineConfig.kv_cache_tokens"
+            gens,
+            [s.token_ids[: s.num_prompt_tokens] if _penalised(s.params) else () for s in seqs],
+            [s.generated_ids if _penalised(s.params) else () for s in seqs],
         )
 
-    def _append(self, seq: Sequence, token: int) -> SeqUpdate:
+    def _drop_running(self) -> list[Sequence]:
+        seqs = list(self.scheduler.running)
+        for seq in seqs:
+            self.scheduler.release(seq)
+        return seqs
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> SeqUpdate:
         seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         self.generated_tokens += 1
+        params = seq.params
+        may_stop = seq.num_generated >= params.min_tokens
+        is_stop_token = may_stop and (
+            token in params.stop_token_ids
+            or (token in self.eos_token_ids and not params.ignore_eos)
+        )
         stream = self._streams.get(seq.seq_id)
-        text, stopped = stream.add(token) if stream is not None else ("", False)
+        text, stopped = "", False
+        if stream is not None and (not is_stop_token or params.include_stop_str_in_output):
+            text, stopped = stream.add(token, check_stop=may_stop)
         reason, stop_reason = None, None
         if stopped:
             reason, stop_reason = "stop", stream.stop_str
-        elif token in seq.params.stop_token_ids:
-            reason, stop_reason = "stop", token
-        elif token in self.eos_token_ids and not seq.params.ignore_eos:
+        elif is_stop_token:
             reason, stop_reason = "stop", token
         elif seq.num_generated >= seq.max_tokens:
             reason = "length"
+        lp = [logprob] if logprob is not None else None
         if reason is None:
-            return SeqUpdate(seq, [token], text)
+            return SeqUpdate(seq, [token], text, logprobs=lp)
         if not stopped and stream is not None:
             text += stream.finish()
         self.scheduler.release(seq)
-        return SeqUpdate(seq, [token], text, output=self._end(seq, reason, stop_reason))
+        output = self._end(seq, reason, stop_reason)
+        return SeqUpdate(seq, [token], text, output=output, logprobs=lp)
 
     def _end(self, seq: Sequence, reason: str, stop_reason=None) -> GenerationOutput:
         seq.status = SequenceStatus.FINISHED
@@ -230,6 +315,7 @@ class LLMEngine:
                 completion_tokens=seq.num_generated,
             ),
             stop_reason=stop_reason,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
         )
 
     def _fail(self, seq: Sequence, exc: BaseException) -> SeqUpdate:
@@ -248,4 +334,14 @@ class LLMEngine:
             generated_tokens=self.generated_tokens,
             num_preemptions=self.num_preemptions,
             num_cascade_steps=self.runner.num_cascade_steps,
+            recomputed_tokens=self.recomputed_tokens,
         )
+
+
+def _penalised(params: SamplingParams) -> bool:
+    """Whether the sampler needs this request's token history."""
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )

@@ -7,7 +7,14 @@ as soon as it finishes. Admission walks the chunk prefix tree: cached nodes are 
 reused, missing nodes are created and computed by the admitting sequence, and nodes created
 by an earlier sequence of the same step are reused too (all K/V of a layer is written before
 that layer's attention runs). When pages run out the cache evicts unused chunk nodes; when
-that is not enough the newest running sequence is preempted and recomputed later.
+that is not enough the most recently admitted running sequence (possibly the one asking) is
+preempted and recomputed later.
+
+Failures are attributed to one sequence wherever they can be: an error while admitting or
+growing a sequence fails that sequence alone (`StepPlan.failed`). A sequence marked `isolate`
+(its batch failed in the model and the culprit is not known yet) runs its next step alone, so
+a request that cannot run fails by itself and the others get the output they would have had
+alone.
 
 The scheduler decides who runs and which positions each writes where; it does not build
 attention metadata or run the model (model_runner.py does).
@@ -54,13 +61,14 @@ class StepPlan:
     """What one step computes.
 
     `created`: nodes it computes for the first time; `preempted`: sequences sent back to
-    wait; `failed`: sequences that cannot continue (alone, they outgrew the page pool).
+    wait; `failed`: sequences that cannot continue, each with its error (alone, it outgrew the
+    page pool, or admitting it raised).
     """
 
     scheduled: list[ScheduledSeq]
     created: list[ChunkNode]
     preempted: list[Sequence]
-    failed: list[Sequence]
+    failed: list[tuple[Sequence, BaseException]]
 
 
 class Scheduler:
@@ -93,32 +101,31 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """Choose the sequences of the next step and reserve their pages."""
         preempted: list[Sequence] = []
-        failed: list[Sequence] = []
-        decode: list[ScheduledSeq] = []
-        # running sequences first: each needs room for its one pending token
-        for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted while making room for an older sequence
-            while not self._grow(seq):
-                victim = self._newest_running(exclude=seq)
-                if victim is None:  # alone and still no page: it outgrew the pool
-                    self.release(seq)
-                    failed.append(seq)
-                    break
-                self._preempt(victim)
-                preempted.append(victim)
-            else:
-                decode.append(self._decode_entry(seq))
-        decode = [d for d in decode if d.seq.status is SequenceStatus.RUNNING]
-
+        failed: list[tuple[Sequence, BaseException]] = []
         created: list[ChunkNode] = []
+        if self.waiting and self.waiting[0].isolate:
+            entry = self._admit_alone(self.waiting[0], created, failed)
+            if entry is not None:
+                return StepPlan([entry], created, preempted, failed)
+            if not failed:  # no room yet: let the running sequences finish first
+                return self._schedule_running(preempted, failed)
+
+        plan = self._schedule_running(preempted, failed)
+        decode = plan.scheduled
         prefill: list[ScheduledSeq] = []
         budget = self.max_num_batched_tokens - len(decode)
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.isolate:
+                break  # runs alone in a step of its own
             if prefill and self._new_tokens_if_admitted(seq) > budget:
                 break
-            entry = self._admit(seq, created)
+            try:
+                entry = self._admit(seq, created)
+            except Exception as exc:  # noqa: BLE001 - this sequence fails alone
+                self.waiting.popleft()
+                failed.append((seq, exc))
+                continue
             if entry is None:
                 break
             self.waiting.popleft()
@@ -126,6 +133,74 @@ class Scheduler:
             prefill.append(entry)
             budget -= entry.qo_len
         return StepPlan(decode + prefill, created, preempted, failed)
+
+    def _schedule_running(
+        self, preempted: list[Sequence], failed: list[tuple[Sequence, BaseException]]
+    ) -> StepPlan:
+        """Decode entries for the running sequences (each needs room for its pending token)."""
+        decode: list[ScheduledSeq] = []
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted while making room for another sequence
+            try:
+                while not self._grow(seq):
+                    victim = self._newest_running(exclude=seq)
+                    if victim is None:  # alone and still no page: it outgrew the pool
+                        self.release(seq)
+                        failed.append((seq, OutOfPagesError(self.too_big(seq))))
+                        break
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is seq:
+                        break
+                else:
+                    decode.append(self._decode_entry(seq))
+            except Exception as exc:  # noqa: BLE001 - this sequence fails alone
+                if seq.status is SequenceStatus.RUNNING:
+                    self.release(seq)
+                failed.append((seq, exc))
+        decode = [d for d in decode if d.seq.status is SequenceStatus.RUNNING]
+        return StepPlan(decode, [], preempted, failed)
+
+    def _admit_alone(
+        self,
+        seq: Sequence,
+        created: list[ChunkNode],
+        failed: list[tuple[Sequence, BaseException]],
+    ) -> ScheduledSeq | None:
+        """Admit an isolated sequence into a step of its own (the running ones skip it)."""
+        try:
+            entry = self._admit(seq, created)
+        except Exception as exc:  # noqa: BLE001 - this sequence fails alone
+            self.waiting.popleft()
+            failed.append((seq, exc))
+            return None
+        if entry is None:
+            if not self.running:  # nothing will ever free pages for it
+                self.waiting.popleft()
+                failed.append((seq, OutOfPagesError(self.too_big(seq))))
+            return None
+        self.waiting.popleft()
+        self.running.append(seq)
+        return entry
+
+    def requeue_isolated(self, seqs: list[Sequence]) -> None:
+        """Send the released sequences of a failed step back to wait, each to run alone next.
+
+        Their KV is recomputed (prompt and generated tokens), as after a preemption.
+        """
+        for seq in reversed(seqs):
+            seq.status = SequenceStatus.WAITING
+            seq.isolate = True
+            self.waiting.appendleft(seq)
+
+    def too_big(self, seq: Sequence) -> str:
+        pool = self.kv.pool
+        return (
+            f"request {seq.seq_id} ({len(seq.token_ids)} tokens) does not fit in the KV pool "
+            f"({pool.num_pages} pages of {pool.page_size} tokens); raise "
+            "EngineConfig.kv_cache_tokens"
+        )
 
     def finish_step(self, plan: StepPlan, failed: bool) -> None:
         """After the forward pass: publish or drop the nodes the step computed."""
@@ -137,6 +212,7 @@ class Scheduler:
             self.kv.mark_ready(plan.created)
             for entry in plan.scheduled:
                 entry.seq.num_kv = entry.kv_len
+                entry.seq.isolate = False
 
     def release(self, seq: Sequence) -> None:
         """Unpin a sequence's nodes and free its private pages (finish, abort, failure)."""
@@ -172,8 +248,13 @@ class Scheduler:
         )
 
     def _newest_running(self, exclude: Sequence) -> Sequence | None:
+        """The most recently admitted running sequence: `exclude` itself if it is the newest
+        (it then yields its pages to the older ones, as in vLLM), None if it runs alone."""
         for seq in reversed(self.running):
-            if seq is not exclude and seq.status is SequenceStatus.RUNNING:
+            if seq.status is SequenceStatus.RUNNING:
+                if seq is exclude:
+                    others = [s for s in self.running if s is not seq]
+                    return seq if any(s.status is SequenceStatus.RUNNING for s in others) else None
                 return seq
         return None
 
@@ -209,12 +290,16 @@ class Scheduler:
                 node = child
             seq.nodes = nodes
             seq.private_pages = self.kv.alloc(self.kv.pages_for(node.end, len(seq.token_ids)))
-        except OutOfPagesError:
+        except BaseException as exc:
             for n in nodes:
                 self.kv.unpin(n)
             self.kv.discard(mine)
+            if seq.private_pages:
+                self.kv.pool.free(seq.private_pages)
             seq.nodes, seq.private_pages = [], []
-            return None
+            if isinstance(exc, OutOfPagesError):
+                return None
+            raise
         if q_start is None:
             q_start = node.end
         created.extend(mine)

@@ -77,6 +77,9 @@ class Sequence:
     num_kv: int = 0
     num_cached_tokens: int | None = None  # prompt tokens reused at first admission
     num_preemptions: int = 0
+    isolate: bool = False  # its batch failed: run its next step alone to find the culprit
+    num_prompt_computed: int = 0  # prompt positions computed at least once (for usage stats)
+    logprobs: list = field(default_factory=list)  # TokenLogprob per generated token, if asked
     finish_reason: str | None = None
     _table_key: tuple | None = field(default=None, repr=False)
     _chain_table: list[int] = field(default_factory=list, repr=False)

@@ -7,7 +7,10 @@ whatever their text or chunk type was (correctness rule 1: hash token ids, not t
 is confirmed by comparing the tokens.
 
 `ChunkRegistry` dedups chunks by id, counts references (requests and KV-tree nodes hold one
-while they use a chunk) and evicts least recently used unreferenced chunks past its capacity.
+while they use a chunk) and evicts least recently used unreferenced chunks past its capacity,
+counted both in chunks and in (estimated) bytes. A chunk built elsewhere (by hand, or by another
+engine's registry) is re-registered with `ChunkRegistry.adopt`, so an id never names two
+different token runs.
 
 This module does not hold KV and does not know positions: exact reuse also needs the chain of
 chunks before a chunk, which the KV cache's chunk tree keys on (parent node, chunk id). It does
@@ -16,6 +19,7 @@ not tokenize either; callers pass token ids.
 
 from __future__ import annotations
 
+import builtins
 import enum
 import hashlib
 import operator
@@ -31,6 +35,13 @@ from typing import Any
 # Bumped if the byte layout fed to the hash ever changes, so old ids cannot match new ones.
 _HASH_PERSON = b"cascade-rag/ck1"
 _MAX_TOKEN_ID = 2**63 - 1  # ids are packed as int64
+# Estimated CPython cost of a held chunk beyond its tokens, text and metadata: the Chunk object
+# and its __dict__, the metadata proxy and dict, and the registry's dict and LRU entries.
+_CHUNK_OVERHEAD_BYTES = 600
+# A token in a tuple: the 8-byte pointer plus its int object (ids above 256 are not shared).
+_TOKEN_BYTES = 8 + 28
+DEFAULT_CAPACITY = 100_000
+DEFAULT_CAPACITY_BYTES = 256 * 2**20
 
 
 class ChunkType(str, enum.Enum):
@@ -54,7 +65,9 @@ class Chunk:
         text: the text the tokens came from, if the caller gave it (not part of the id).
         metadata: read-only extras such as the source path; excluded from equality and hash.
 
-    `len(chunk)` is the number of tokens. Chunks are made by `ChunkRegistry.register`.
+    `len(chunk)` is the number of tokens. Chunks are made by `ChunkRegistry.register`; one
+    built by hand (or by another registry) is only used after `ChunkRegistry.adopt` has
+    re-registered its tokens, so its `id` is never trusted.
 
     Example:
         >>> registry = ChunkRegistry(namespace="SmolLM2-135M|tok-v1")
@@ -72,6 +85,8 @@ class Chunk:
     )
 
     def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise TypeError(f"Chunk.id must be a non-empty str, got {self.id!r}")
         if not isinstance(self.type, ChunkType):
             raise TypeError(f"Chunk.type must be a ChunkType, got {self.type!r}")
         if not isinstance(self.token_ids, tuple) or not self.token_ids:
@@ -91,6 +106,25 @@ class Chunk:
     def __repr__(self) -> str:
         text = "" if self.text is None else f", text={self.text[:40]!r}"
         return f"Chunk(id={self.id!r}, type={self.type.name}, num_tokens={len(self)}{text})"
+
+
+def chunk_nbytes(chunk: Chunk) -> int:
+    """Estimated memory a registry spends holding `chunk`, in bytes.
+
+    36 bytes per token (a tuple slot and an int object), the text's and the metadata's
+    shallow sizes, and a fixed overhead for the objects around them. An estimate for the
+    registry's byte cap, not an exact measurement.
+
+    Example:
+        >>> chunk_nbytes(Chunk("x", ChunkType.CONTEXT, tuple(range(1000, 1100))))
+        4200
+    """
+    nbytes = _CHUNK_OVERHEAD_BYTES + _TOKEN_BYTES * len(chunk.token_ids)
+    if chunk.text is not None:
+        nbytes += sys.getsizeof(chunk.text)
+    for key, value in chunk.metadata.items():
+        nbytes += sys.getsizeof(key) + sys.getsizeof(value)
+    return nbytes
 
 
 def _as_token_ids(token_ids: Iterable[int]) -> tuple[int, ...]:
@@ -173,6 +207,7 @@ class ChunkStats:
     Attributes:
         num_chunks: chunks held now.
         num_tokens: tokens over the chunks held now.
+        num_bytes: estimated bytes over the chunks held now (`chunk_nbytes`).
         hits: `register` calls that found the chunk already held.
         misses: `register` calls that added a chunk.
         evictions: chunks evicted so far (by capacity or `evict_unreferenced`).
@@ -181,6 +216,7 @@ class ChunkStats:
 
     num_chunks: int
     num_tokens: int
+    num_bytes: int
     hits: int
     misses: int
     evictions: int
@@ -195,6 +231,9 @@ class ChunkRegistry:
         capacity: most chunks held after a `register`; least recently used unreferenced chunks
             are evicted past it. Referenced chunks are never evicted: if every chunk is
             referenced, the registry holds more than `capacity` rather than fail.
+        capacity_bytes: most estimated bytes (`chunk_nbytes`) held after a `register`,
+            enforced like `capacity`; the default, 256 MiB, is about 7M tokens. The chunk a
+            `register` returns is never evicted by it, even if it alone is larger.
         on_evict: called with the id of each evicted chunk (the KV cache drops that chunk's
             KV). It runs while the registry's lock is held, after the chunk is removed, so no
             other thread can register the chunk again before it returns; it may call the
@@ -218,8 +257,10 @@ class ChunkRegistry:
     def __init__(
         self,
         namespace: str,
-        capacity: int = 100_000,
+        capacity: int = DEFAULT_CAPACITY,
         on_evict: Callable[[str], None] | None = None,
+        *,
+        capacity_bytes: int = DEFAULT_CAPACITY_BYTES,
     ) -> None:
         if not isinstance(namespace, str) or not namespace:
             raise ValueError(
@@ -228,8 +269,17 @@ class ChunkRegistry:
             )
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        if (
+            isinstance(capacity_bytes, bool)
+            or not isinstance(capacity_bytes, int)
+            or capacity_bytes < 1
+        ):
+            raise ValueError(
+                f"capacity_bytes must be an int >= 1 (bytes of chunks held), got {capacity_bytes!r}"
+            )
         self._namespace = namespace
         self._capacity = capacity
+        self._capacity_bytes = capacity_bytes
         self._on_evict = on_evict
         self._lock = threading.RLock()
         self._chunks: dict[str, Chunk] = {}
@@ -238,6 +288,7 @@ class ChunkRegistry:
         # Referenced chunks only (count > 0).
         self._refcounts: dict[str, int] = {}
         self._num_tokens = 0
+        self._num_bytes = 0
         self._hits = 0
         self._misses = 0
         self._evictions = 0
@@ -250,6 +301,10 @@ class ChunkRegistry:
     def capacity(self) -> int:
         return self._capacity
 
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity_bytes
+
     def register(
         self,
         token_ids: Iterable[int],
@@ -261,8 +316,9 @@ class ChunkRegistry:
         """Return the chunk for these token ids, adding it if new (a miss) or reusing it (a hit).
 
         A hit returns the chunk as first registered: its type, text and metadata stay. Either
-        way the chunk becomes the most recently used. Adding a chunk past `capacity` evicts
-        least recently used unreferenced chunks, never the one being returned.
+        way the chunk becomes the most recently used. Adding a chunk past `capacity` or
+        `capacity_bytes` evicts least recently used unreferenced chunks, never the one being
+        returned.
 
         Args:
             token_ids: non-empty integer token ids (list, tuple, numpy array, torch tensor).
@@ -274,7 +330,8 @@ class ChunkRegistry:
 
         Raises:
             ValueError: empty token ids, an id outside [0, 2**63), or an unknown type.
-            TypeError: token ids that are not ints.
+            TypeError: token ids that are not ints, text that is not a str, metadata that is
+                not a mapping.
             RuntimeError: a hash collision (same id, different tokens).
 
         Example:
@@ -284,50 +341,95 @@ class ChunkRegistry:
             >>> again is first, registry.stats().hits, registry.stats().misses
             (True, 1, 1)
         """
-        ids = _as_token_ids(token_ids)
-        if not ids:
-            raise ValueError("token_ids is empty; a chunk needs at least one token")
-        try:
-            chunk_type = ChunkType(type)
-        except ValueError:
-            valid = ", ".join(t.value for t in ChunkType)
-            raise ValueError(f"unknown chunk type {type!r}; use one of: {valid}") from None
+        ids, chunk_type = self._check_args(token_ids, type, text, metadata)
         chunk_id = chunk_hash(ids, self._namespace)  # outside the lock: O(len) work
-
         with self._lock:
-            existing = self._chunks.get(chunk_id)
-            if existing is not None:
-                if existing.token_ids != ids:
-                    raise RuntimeError(
-                        f"chunk hash collision: id {chunk_id} is held for "
-                        f"{len(existing)} tokens {existing.token_ids[:8]}... and was computed "
-                        f"for different {len(ids)} tokens {ids[:8]}..."
-                    )
-                self._hits += 1
-                self._touch(chunk_id)
-                if acquire:
-                    self._add_ref(chunk_id)
-                return existing
-            chunk = Chunk(
-                id=chunk_id,
-                type=chunk_type,
-                token_ids=ids,
-                text=text,
-                metadata=MappingProxyType(dict(metadata or {})),
+            return self._register(chunk_id, ids, chunk_type, text, metadata, acquire)
+
+    def chunk_for(
+        self,
+        token_ids: Iterable[int],
+        type: ChunkType = ChunkType.CONTEXT,
+        text: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Chunk:
+        """The chunk `register` would return for these arguments, without registering it.
+
+        If the tokens are held, the held chunk is returned (recency and counters unchanged);
+        otherwise a new `Chunk` with this registry's id for the tokens, which is not added.
+        Used to build a prompt that may still be refused: `register` or `adopt` it later.
+
+        Raises:
+            the same errors as `register`.
+
+        Example:
+            >>> registry = ChunkRegistry("model|tokenizer")
+            >>> chunk = registry.chunk_for([4, 5, 6])
+            >>> chunk.id in registry, registry.register([4, 5, 6]).id == chunk.id
+            (False, True)
+        """
+        ids, chunk_type = self._check_args(token_ids, type, text, metadata)
+        chunk_id = chunk_hash(ids, self._namespace)
+        with self._lock:
+            held = self._chunks.get(chunk_id)
+            if held is not None:
+                _check_same_tokens(held, ids)
+                return held
+        return _new_chunk(chunk_id, ids, chunk_type, text, metadata)
+
+    def adopt(self, chunk: Chunk, *, register: bool = True, acquire: bool = False) -> Chunk:
+        """This registry's own chunk for `chunk`'s tokens; `chunk.id` is not trusted.
+
+        A chunk built by hand, or taken from another engine (another namespace), is
+        re-registered here under this registry's content hash of its tokens, keeping its
+        type, text and metadata if the tokens are new (a held chunk keeps its own, as in
+        `register`). Two hand-built chunks with one id and different tokens thus never share
+        an id, hence never share KV.
+
+        Args:
+            chunk: any `Chunk`.
+            register: False returns what `chunk_for` returns, adding nothing.
+            acquire: also take a reference, atomically (only with register=True).
+
+        Raises:
+            TypeError: `chunk` is not a `Chunk`.
+            ValueError: `chunk.id` is held here for different tokens: a forged or stale id
+                that would otherwise alias another chunk.
+
+        Example:
+            >>> registry = ChunkRegistry("model|tokenizer")
+            >>> mine = registry.adopt(Chunk("doc-42", ChunkType.RAG_RESULT, (1, 2, 3)))
+            >>> mine.id == registry.register([1, 2, 3]).id != "doc-42", mine.type.name
+            (True, 'RAG_RESULT')
+        """
+        if not isinstance(chunk, Chunk):
+            raise TypeError(
+                f"adopt() takes a Chunk, got {builtins.type(chunk).__name__}; register token "
+                "ids with register()"
             )
-            self._misses += 1
-            self._chunks[chunk_id] = chunk
-            self._num_tokens += len(ids)
-            try:
-                # The new chunk joins the LRU order only after eviction, so it is never
-                # evicted by its own registration.
-                self._evict(len(self._chunks) - self._capacity)
-            finally:
-                if chunk_id in self._chunks and chunk_id not in self._refcounts:
-                    self._lru[chunk_id] = None
-            if acquire:
-                self._add_ref(chunk_id)
+        if acquire and not register:
+            raise ValueError("adopt(acquire=True) needs register=True: nothing is held")
+        ids, chunk_type = self._check_args(chunk.token_ids, chunk.type, chunk.text, chunk.metadata)
+        chunk_id = chunk_hash(ids, self._namespace)
+        with self._lock:
+            claimed = self._chunks.get(chunk.id)
+            if claimed is not None and claimed.token_ids != ids:
+                raise ValueError(
+                    f"chunk id {chunk.id!r} is this registry's id for {len(claimed)} other "
+                    f"tokens than the {len(ids)} tokens of the chunk given; build chunks with "
+                    "register() / the engine's register_chunk() instead of reusing ids"
+                )
+            if register:
+                return self._register(
+                    chunk_id, ids, chunk_type, chunk.text, chunk.metadata, acquire
+                )
+            held = self._chunks.get(chunk_id)
+            if held is not None:
+                _check_same_tokens(held, ids)
+                return held
+        if chunk.id == chunk_id:
             return chunk
+        return _new_chunk(chunk_id, ids, chunk_type, chunk.text, chunk.metadata)
 
     def get(self, chunk_id: str) -> Chunk:
         """Return the chunk with this id and mark it recently used.
@@ -366,17 +468,21 @@ class ChunkRegistry:
     def release(self, chunk_id: str) -> None:
         """Drop a reference taken by `acquire`. The chunk stays held, now most recently used.
 
-        Releasing a chunk that holds no reference is a bug in the caller's bookkeeping and
-        fails an assertion. Releasing does not evict: eviction happens in `register` and
-        `evict_unreferenced`.
+        Releasing does not evict: eviction happens in `register` and `evict_unreferenced`.
 
         Raises:
             UnknownChunkError: the id is not held.
+            RuntimeError: the chunk holds no reference (a release without its acquire); the
+                count stays 0.
         """
         with self._lock:
             self._lookup(chunk_id)
             count = self._refcounts.get(chunk_id, 0)
-            assert count > 0, f"release of chunk {chunk_id} whose refcount is already 0"
+            if count <= 0:
+                raise RuntimeError(
+                    f"release of chunk {chunk_id} whose refcount is already 0: every release "
+                    "needs an earlier acquire (or register(acquire=True))"
+                )
             if count == 1:
                 del self._refcounts[chunk_id]
                 self._lru[chunk_id] = None
@@ -419,6 +525,7 @@ class ChunkRegistry:
             return ChunkStats(
                 num_chunks=len(self._chunks),
                 num_tokens=self._num_tokens,
+                num_bytes=self._num_bytes,
                 hits=self._hits,
                 misses=self._misses,
                 evictions=self._evictions,
@@ -438,10 +545,68 @@ class ChunkRegistry:
         s = self.stats()
         return (
             f"ChunkRegistry(namespace={self._namespace!r}, capacity={self._capacity}, "
-            f"num_chunks={s.num_chunks}, referenced={s.referenced})"
+            f"capacity_bytes={self._capacity_bytes}, num_chunks={s.num_chunks}, "
+            f"num_bytes={s.num_bytes}, referenced={s.referenced})"
         )
 
-    # Internals; the caller holds self._lock.
+    # Internals; the caller holds self._lock unless said otherwise.
+
+    @staticmethod
+    def _check_args(
+        token_ids: Iterable[int],
+        chunk_type: ChunkType | str,
+        text: str | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> tuple[tuple[int, ...], ChunkType]:
+        """Validated token ids and chunk type (no lock needed)."""
+        ids = _as_token_ids(token_ids)
+        if not ids:
+            raise ValueError("token_ids is empty; a chunk needs at least one token")
+        try:
+            checked_type = ChunkType(chunk_type)
+        except ValueError:
+            valid = ", ".join(t.value for t in ChunkType)
+            raise ValueError(f"unknown chunk type {chunk_type!r}; use one of: {valid}") from None
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"chunk text must be a str or None, got {builtins.type(text).__name__}")
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(
+                f"chunk metadata must be a mapping or None, got {builtins.type(metadata).__name__}"
+            )
+        return ids, checked_type
+
+    def _register(
+        self,
+        chunk_id: str,
+        ids: tuple[int, ...],
+        chunk_type: ChunkType,
+        text: str | None,
+        metadata: Mapping[str, Any] | None,
+        acquire: bool,
+    ) -> Chunk:
+        existing = self._chunks.get(chunk_id)
+        if existing is not None:
+            _check_same_tokens(existing, ids)
+            self._hits += 1
+            self._touch(chunk_id)
+            if acquire:
+                self._add_ref(chunk_id)
+            return existing
+        chunk = _new_chunk(chunk_id, ids, chunk_type, text, metadata)
+        self._misses += 1
+        self._chunks[chunk_id] = chunk
+        self._num_tokens += len(ids)
+        self._num_bytes += chunk_nbytes(chunk)
+        try:
+            # The new chunk joins the LRU order only after eviction, so it is never
+            # evicted by its own registration.
+            self._evict_over_capacity()
+        finally:
+            if chunk_id in self._chunks and chunk_id not in self._refcounts:
+                self._lru[chunk_id] = None
+        if acquire:
+            self._add_ref(chunk_id)
+        return chunk
 
     def _lookup(self, chunk_id: str) -> Chunk:
         chunk = self._chunks.get(chunk_id)
@@ -459,16 +624,55 @@ class ChunkRegistry:
         if chunk_id in self._lru:  # referenced chunks count as used until released
             self._lru.move_to_end(chunk_id)
 
+    def _over_capacity(self) -> bool:
+        return len(self._chunks) > self._capacity or self._num_bytes > self._capacity_bytes
+
+    def _evict_over_capacity(self) -> list[str]:
+        evicted: list[str] = []
+        while self._over_capacity() and self._lru:
+            evicted.append(self._evict_lru())
+        return evicted
+
     def _evict(self, count: int) -> list[str]:
         """Evict up to `count` LRU unreferenced chunks, calling on_evict after each removal."""
         evicted: list[str] = []
         while len(evicted) < count and self._lru:
-            chunk_id, _ = self._lru.popitem(last=False)
-            assert chunk_id not in self._refcounts, f"referenced chunk {chunk_id} in LRU order"
-            chunk = self._chunks.pop(chunk_id)
-            self._num_tokens -= len(chunk)
-            self._evictions += 1
-            evicted.append(chunk_id)
-            if self._on_evict is not None:
-                self._on_evict(chunk_id)
+            evicted.append(self._evict_lru())
         return evicted
+
+    def _evict_lru(self) -> str:
+        chunk_id, _ = self._lru.popitem(last=False)
+        assert chunk_id not in self._refcounts, f"referenced chunk {chunk_id} in LRU order"
+        chunk = self._chunks.pop(chunk_id)
+        self._num_tokens -= len(chunk)
+        self._num_bytes -= chunk_nbytes(chunk)
+        self._evictions += 1
+        if self._on_evict is not None:
+            self._on_evict(chunk_id)
+        return chunk_id
+
+
+def _new_chunk(
+    chunk_id: str,
+    ids: tuple[int, ...],
+    chunk_type: ChunkType,
+    text: str | None,
+    metadata: Mapping[str, Any] | None,
+) -> Chunk:
+    return Chunk(
+        id=chunk_id,
+        type=chunk_type,
+        token_ids=ids,
+        text=text,
+        metadata=MappingProxyType(dict(metadata or {})),
+    )
+
+
+def _check_same_tokens(held: Chunk, ids: tuple[int, ...]) -> None:
+    """A hash hit is confirmed by comparing the tokens (DESIGN.md rule 1)."""
+    if held.token_ids != ids:
+        raise RuntimeError(
+            f"chunk hash collision: id {held.id} is held for {len(held)} tokens "
+            f"{held.token_ids[:8]}... and was computed for different {len(ids)} tokens "
+            f"{ids[:8]}..."
+        )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import doctest
+import subprocess
 import sys
+import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,6 +31,7 @@ from cascade_rag.chunks import (
     ChunkType,
     UnknownChunkError,
     chunk_hash,
+    chunk_nbytes,
 )
 
 NS = "SmolLM2-135M-Instruct|tokenizer-v1"
@@ -113,7 +116,13 @@ def test_dedup_and_hit_miss_counts() -> None:
     assert registry.register((4, 5)) is b
     assert registry.register([4, 5]) is b
     assert registry.stats() == ChunkStats(
-        num_chunks=2, num_tokens=5, hits=3, misses=2, evictions=0, referenced=0
+        num_chunks=2,
+        num_tokens=5,
+        num_bytes=chunk_nbytes(a) + chunk_nbytes(b),
+        hits=3,
+        misses=2,
+        evictions=0,
+        referenced=0,
     )
     assert len(registry) == 2
     assert a.id in registry and b.id in registry and "0" * 32 not in registry
@@ -137,6 +146,14 @@ def test_bad_arguments() -> None:
         registry.register([1], type="document")
     with pytest.raises(ValueError, match="capacity"):
         ChunkRegistry(NS, capacity=0)
+    with pytest.raises(ValueError, match="capacity_bytes"):
+        ChunkRegistry(NS, capacity_bytes=0)
+    with pytest.raises(ValueError, match="capacity_bytes"):
+        ChunkRegistry(NS, capacity_bytes=1.5e6)
+    with pytest.raises(TypeError, match="text"):
+        registry.register([1], text=b"bytes")
+    with pytest.raises(TypeError, match="metadata"):
+        registry.register([1], metadata=[("source", "a")])
     with pytest.raises(ValueError, match="namespace"):
         ChunkRegistry("")
     with pytest.raises(ValueError, match="max_count"):
@@ -180,7 +197,7 @@ def test_refcounts() -> None:
     registry.release(a.id)
     registry.release(a.id)
     assert registry.refcount(a.id) == 0 and registry.stats().referenced == 0
-    with pytest.raises(AssertionError, match="refcount"):
+    with pytest.raises(RuntimeError, match="refcount is already 0"):
         registry.release(a.id)
     assert registry.refcount(a.id) == 0
 
@@ -226,7 +243,13 @@ def test_register_with_acquire() -> None:
     assert registry.refcount(a.id) == registry.refcount(b.id) == 1
     assert registry.register([1], acquire=True) is a and registry.refcount(a.id) == 2
     assert registry.stats() == ChunkStats(
-        num_chunks=2, num_tokens=2, hits=1, misses=2, evictions=0, referenced=2
+        num_chunks=2,
+        num_tokens=2,
+        num_bytes=chunk_nbytes(a) + chunk_nbytes(b),
+        hits=1,
+        misses=2,
+        evictions=0,
+        referenced=2,
     )
 
 
@@ -247,6 +270,138 @@ def test_capacity_exceeded_when_all_referenced() -> None:
     assert len(registry) == 4  # releasing does not evict
     registry.register([21])  # the next registration brings it back within capacity
     assert len(registry) == 2
+
+
+def test_byte_cap_evicts_lru_unreferenced_chunks() -> None:
+    one = chunk_nbytes(Chunk("x", ChunkType.CONTEXT, tuple(range(300, 310))))
+    assert one == 600 + 36 * 10
+    evicted: list[str] = []
+    registry = ChunkRegistry(NS, capacity=100, on_evict=evicted.append, capacity_bytes=3 * one)
+    assert registry.capacity_bytes == 3 * one
+    a, b, c = (registry.register(range(300 + 10 * i, 310 + 10 * i)) for i in range(3))
+    assert registry.stats().num_bytes == 3 * one and evicted == []
+    registry.acquire(a.id)  # a is the LRU chunk but referenced
+    d = registry.register(range(400, 410))
+    assert evicted == [b.id] and registry.stats().num_bytes == 3 * one
+    # text and metadata count too: this chunk is worth more than one plain chunk
+    e = registry.register(range(500, 510), text="x" * one, metadata={"source": "a.md"})
+    assert chunk_nbytes(e) > 2 * one
+    assert evicted == [b.id, c.id, d.id] and set(registry._chunks) == {a.id, e.id}
+    assert registry.stats().num_bytes == chunk_nbytes(a) + chunk_nbytes(e)
+    # a chunk larger than the whole cap is still returned (and kept until the next one)
+    big = registry.register(range(10_000, 10_000 + 4 * one // 36))
+    assert big.id in registry and a.id in registry and e.id not in registry
+    registry.register([7])
+    assert big.id not in registry and registry.stats().evictions == 5
+    registry.release(a.id)
+    assert registry.stats().num_bytes == sum(chunk_nbytes(ch) for ch in registry._chunks.values())
+
+
+def test_count_cap_still_applies_with_a_byte_cap() -> None:
+    registry = ChunkRegistry(NS, capacity=2, capacity_bytes=10**9)
+    a, b, c = (registry.register([i]) for i in range(3))
+    assert a.id not in registry and b.id in registry and c.id in registry
+
+
+# --- chunks from elsewhere: chunk_for and adopt ---------------------------------------------
+
+
+def test_chunk_for_registers_nothing() -> None:
+    registry = ChunkRegistry(NS)
+    chunk = registry.chunk_for([1, 2, 3], ChunkType.QUERY, text="q", metadata={"k": 1})
+    assert chunk.id == chunk_hash([1, 2, 3], NS) and chunk.type is ChunkType.QUERY
+    assert chunk.id not in registry and len(registry) == 0
+    assert registry.stats().misses == registry.stats().hits == 0
+    held = registry.register([1, 2, 3], ChunkType.CONTEXT)
+    assert held.id == chunk.id and registry.chunk_for([1, 2, 3]) is held
+    assert registry.stats().hits == 0  # chunk_for does not count as use
+    with pytest.raises(ValueError, match="empty"):
+        registry.chunk_for([])
+
+
+def test_adopt_hand_built_chunks_with_one_id() -> None:
+    """Two hand-built chunks named "doc-42" with different tokens never share an id."""
+    registry = ChunkRegistry(NS)
+    first = Chunk("doc-42", ChunkType.RAG_RESULT, (1, 2, 3), "one", {"source": "a.md"})
+    second = Chunk("doc-42", ChunkType.RAG_RESULT, (4, 5, 6), "two")
+    a, b = registry.adopt(first), registry.adopt(second)
+    assert a.id == chunk_hash([1, 2, 3], NS) and b.id == chunk_hash([4, 5, 6], NS)
+    assert a.id != b.id and "doc-42" not in registry
+    assert (a.type, a.text, a.metadata["source"]) == (ChunkType.RAG_RESULT, "one", "a.md")
+    assert registry.adopt(first) is a and registry.get(a.id) is a
+    assert registry.stats().misses == 2 and registry.stats().hits == 1
+
+
+def test_adopt_chunks_from_another_registry() -> None:
+    other = ChunkRegistry(NS + "-other-model")
+    mine = ChunkRegistry(NS)
+    foreign = other.register([9, 8, 7], ChunkType.SYSTEM_PROMPT, text="sys")
+    adopted = mine.adopt(foreign, acquire=True)
+    assert adopted.id == chunk_hash([9, 8, 7], NS) != foreign.id
+    assert adopted.type is ChunkType.SYSTEM_PROMPT and adopted.text == "sys"
+    assert mine.refcount(adopted.id) == 1 and foreign.id not in mine
+    assert mine.adopt(adopted) is adopted  # already ours: a hit
+
+
+def test_adopt_refuses_an_id_held_for_other_tokens() -> None:
+    registry = ChunkRegistry(NS)
+    real = registry.register([1, 2, 3])
+    forged = Chunk(real.id, ChunkType.CONTEXT, (6, 6, 6))
+    for register in (True, False):
+        with pytest.raises(ValueError, match="other tokens"):
+            registry.adopt(forged, register=register)
+    assert len(registry) == 1 and registry.stats().misses == 1
+    with pytest.raises(TypeError, match="Chunk"):
+        registry.adopt([1, 2, 3])
+    with pytest.raises(ValueError, match="register=True"):
+        registry.adopt(real, register=False, acquire=True)
+
+
+def test_adopt_without_registering() -> None:
+    registry = ChunkRegistry(NS)
+    hand = Chunk("doc-1", ChunkType.CODE, (5, 6), "x = 1")
+    planned = registry.adopt(hand, register=False)
+    assert planned.id == chunk_hash([5, 6], NS) and planned.type is ChunkType.CODE
+    assert len(registry) == 0
+    assert registry.adopt(planned) == planned and planned.id in registry
+
+
+def test_guards_hold_under_python_dash_o() -> None:
+    """Collision and bookkeeping guards are exceptions, not asserts: they hold under -O."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from cascade_rag import chunks
+        from cascade_rag.chunks import Chunk, ChunkRegistry, ChunkType
+
+        assert False, "asserts must be off under -O"  # noqa: B011 (proves -O is on)
+        registry = ChunkRegistry("ns")
+        a = registry.adopt(Chunk("doc-42", ChunkType.RAG_RESULT, (1, 2, 3)))
+        b = registry.adopt(Chunk("doc-42", ChunkType.RAG_RESULT, (4, 5, 6)))
+        if a.id == b.id:
+            sys.exit("two token runs share an id")
+        def refused(call):
+            try:
+                call()
+            except (ValueError, RuntimeError):
+                return True
+            return False
+        if not refused(lambda: registry.adopt(Chunk(a.id, ChunkType.CONTEXT, (7,)))):
+            sys.exit("a forged id was adopted")
+        if not refused(lambda: registry.release(a.id)):
+            sys.exit("release below zero was accepted")
+        chunks.chunk_hash = lambda token_ids, namespace: a.id
+        if not refused(lambda: registry.register([8, 9])):
+            sys.exit("a hash collision was accepted")
+        if registry.get(a.id).token_ids != (1, 2, 3):
+            sys.exit("the held chunk changed")
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
 
 
 def test_on_evict_callback_runs_after_removal_and_may_reenter() -> None:
@@ -364,12 +519,22 @@ class RegistryMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.capacity = 4
+        # 3 one-token chunks, or 2 chunks of up to 3 tokens: both caps come into play
+        self.capacity_bytes = 3 * (600 + 36)
         self.evicted: list[str] = []
-        self.registry = ChunkRegistry("machine-ns", self.capacity, on_evict=self.evicted.append)
+        self.registry = ChunkRegistry(
+            "machine-ns",
+            self.capacity,
+            on_evict=self.evicted.append,
+            capacity_bytes=self.capacity_bytes,
+        )
         self.refcounts: dict[str, int] = {}  # model: every held id -> count
         self.lru: list[str] = []  # model: unreferenced ids, least recently used first
         self.tokens: dict[str, tuple[int, ...]] = {}
         self.hits = self.misses = 0
+
+    def _nbytes(self, chunk_ids: list[str]) -> int:
+        return sum(600 + 36 * len(self.tokens[i]) for i in chunk_ids)
 
     def _touch(self, chunk_id: str) -> None:
         if chunk_id in self.lru:
@@ -399,12 +564,21 @@ class RegistryMachine(RuleBasedStateMachine):
         else:
             self.misses += 1
             self.tokens[chunk.id] = chunk.token_ids
-            over = len(self.refcounts) + 1 - self.capacity
-            self._expect_evicted(self.lru[: max(over, 0)])
+            held = [*self.refcounts, chunk.id]
+            expected = []
+            for candidate in self.lru:
+                if len(held) <= self.capacity and self._nbytes(held) <= self.capacity_bytes:
+                    break
+                expected.append(candidate)
+                held.remove(candidate)
+            self._expect_evicted(expected)
             self.refcounts[chunk.id] = 0
             self.lru.append(chunk.id)
             others = [i for i in self.refcounts if i != chunk.id]
-            assert len(self.registry) <= self.capacity or all(self.refcounts[i] for i in others)
+            within = len(self.registry) <= self.capacity and (
+                self.registry.stats().num_bytes <= self.capacity_bytes
+            )
+            assert within or all(self.refcounts[i] for i in others)
         if acquire:
             if self.refcounts[chunk.id] == 0:
                 self.lru.remove(chunk.id)
@@ -457,6 +631,7 @@ class RegistryMachine(RuleBasedStateMachine):
         assert all(n >= 0 for n in self.refcounts.values())
         assert len(self.registry) == stats.num_chunks == len(self.refcounts)
         assert stats.num_tokens == sum(len(self.tokens[i]) for i in self.refcounts)
+        assert stats.num_bytes == self._nbytes(list(self.refcounts))
         assert stats.referenced == sum(1 for n in self.refcounts.values() if n > 0)
         assert (stats.hits, stats.misses) == (self.hits, self.misses)
         assert stats.misses - stats.evictions == stats.num_chunks

@@ -146,6 +146,17 @@ class EngineConfig:
         """
         import torch
 
+        if self.attention_backend == "flashinfer":
+            if not self.is_cuda:
+                raise ValueError(
+                    "attention_backend='flashinfer' runs on CUDA only; use device='cuda' or "
+                    "attention_backend='torch' (or 'auto')"
+                )
+            if self.resolved_dtype == "float32":
+                raise ValueError(
+                    "FlashInfer's kernels do not take float32; use dtype='bfloat16' (or 'auto', "
+                    "which is bfloat16 on CUDA), or attention_backend='torch'"
+                )
         if self.is_cuda:
             if torch.version.cuda is None or not torch.cuda.is_available():
                 why = (
@@ -162,17 +173,6 @@ class EngineConfig:
                 raise ValueError(
                     f"device={self.device!r} but only {torch.cuda.device_count()} CUDA device(s) "
                     "are visible; use 'cuda:0'"
-                )
-        if self.attention_backend == "flashinfer":
-            if not self.is_cuda:
-                raise ValueError(
-                    "attention_backend='flashinfer' runs on CUDA only; use device='cuda' or "
-                    "attention_backend='torch' (or 'auto')"
-                )
-            if self.resolved_dtype == "float32":
-                raise ValueError(
-                    "FlashInfer's kernels do not take float32; use dtype='bfloat16' (or 'auto', "
-                    "which is bfloat16 on CUDA), or attention_backend='torch'"
                 )
 
     def check_kv_pool_fits(self, bytes_per_token: int) -> None:

@@ -304,8 +304,11 @@ class LLMEngine:
         stream = self._streams.pop(seq.seq_id, None)
         self._generators.pop(seq.seq_id, None)
         if stream is None:
+            ids = seq.generated_ids
+            if isinstance(stop_reason, int) and not seq.params.include_stop_str_in_output:
+                ids = ids[:-1]  # a stop token's text is not part of the output (as in vLLM)
             text = self.tokenizer.decode(
-                seq.generated_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+                ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
             )
         else:
             if not stream.finished:

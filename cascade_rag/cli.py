@@ -2,24 +2,36 @@
 
     cascade-rag ingest FOLDER --index PATH
     cascade-rag ask QUESTION [--index PATH | --docs FOLDER] [-k 3] [--max-tokens N]
-    cascade-rag chat [--index PATH | --docs FOLDER] [-k 3] [--max-tokens N]
+    cascade-rag chat [--index PATH | --docs FOLDER] [-k 3] [--max-tokens N] [--history-turns N]
     cascade-rag demo
+    cascade-rag --version
 
-Without --index or --docs, questions are answered over the bundled Larkhaven documents. Only
-argument parsing and printing live here; the work is done by `cascade_rag.retrieval` and
-`cascade_rag.rag`. A caller's mistake (a missing folder, an empty index...) prints one line
-and exits with status 1.
+Every command that loads the LLM takes --device (cpu, cuda, cuda:N) and --dtype (auto,
+float32, bfloat16, float16). Without --index or --docs, questions are answered over the
+bundled Larkhaven documents. `ask` and `chat` print the answer as it is generated, then its
+sources and token counts. `chat` sends the conversation's latest turns with each question
+(oldest dropped first to fit the context) and reads stdin line by line with line editing on
+a terminal; a line it cannot use (not valid text, a question that fails) prints one error
+line and the chat goes on.
+
+Only argument parsing and printing live here; the work is done by `cascade_rag.retrieval`
+and `cascade_rag.rag`. A caller's mistake (a missing folder, an empty index...) prints one
+line and exits with status 1; Ctrl-C exits with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
+import itertools
 import logging
+import re
 import sys
 from pathlib import Path
 
 EXIT_ERROR = 1
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (OSError, ValueError) as exc:  # missing files, empty index, bad sizes...
-        print(f"cascade-rag: error: {exc}", file=sys.stderr)
+        _print_error(exc)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -63,30 +75,82 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
+    question = _check_text(args.question, "the question")
     with _pipeline(args) as rag:
-        _print_answer(rag.ask(args.question))
+        _stream_answer(question, rag.stream(question))
         _print_stats(rag.engine)
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from cascade_rag.llm import EngineClosedError
+
+    _tolerate_undecodable_stdin()
     interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):  # line editing and history where available
+            import readline  # noqa: F401
+    history: list[tuple[str, str]] = []
     with _pipeline(args) as rag:
         if interactive:
-            print('Ask a question ("exit" or Ctrl-D to quit).')
-        while True:
-            if interactive:
-                print("> ", end="", flush=True)
-            line = sys.stdin.readline()
-            if not line:
-                break
+            print('Ask a question ("/reset" forgets the conversation; "exit" or Ctrl-D quits).')
+        for number, line in enumerate(_lines(interactive), start=1):
             question = line.strip()
             if question.lower() in ("exit", "quit"):
                 break
-            if question:
-                _print_answer(rag.ask(question))
-                _print_stats(rag.engine)
+            if question == "/reset":
+                history.clear()
+                continue
+            if not question:
+                continue
+            try:
+                question = _check_text(question, f"line {number}")
+                answer = _stream_answer(question, rag.stream(question, history=history))
+            except EngineClosedError as exc:  # nothing more can be answered
+                _print_error(exc)
+                return EXIT_ERROR
+            except Exception as exc:  # noqa: BLE001 - one failing question must not end the chat
+                _print_error(exc)
+                continue
+            if len(history) > answer.history_turns:
+                dropped = len(history) - answer.history_turns
+                turns = "turn" if dropped == 1 else "turns"
+                print(f"   history: {dropped} oldest {turns} dropped to fit the context")
+            _print_stats(rag.engine)
+            if args.history_turns:
+                history = [*history, (answer.question, answer.text)][-args.history_turns :]
     return 0
+
+
+def _lines(interactive: bool):
+    """Lines of stdin until EOF: read with `input` (line editing) on a terminal."""
+    while True:
+        if interactive:
+            try:
+                yield input("> ")
+            except EOFError:
+                print()
+                return
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return
+            yield line
+
+
+def _tolerate_undecodable_stdin() -> None:
+    """Read undecodable bytes as lone surrogates (`_check_text` rejects such lines) instead
+    of failing the whole read."""
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
+
+
+def _check_text(text: str, what: str) -> str:
+    """`text` unless it holds bytes that did not decode (surrogate escapes)."""
+    if any("\udc80" <= ch <= "\udcff" for ch in text):
+        encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
+        raise ValueError(f"{what} is not valid {encoding} text; skipped")
+    return text
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -150,14 +214,20 @@ def _engine(args: argparse.Namespace):
     from cascade_rag.llm import CascadeEngine
 
     _quiet_model_loading()
-    return CascadeEngine(args.model, kv_cache_tokens=args.kv_cache_tokens, cache_dir=args.cache_dir)
+    return CascadeEngine(
+        args.model,
+        kv_cache_tokens=args.kv_cache_tokens,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        dtype=args.dtype,
+    )
 
 
 def _embedder(args: argparse.Namespace):
     from cascade_rag.retrieval import Embedder
 
     _quiet_model_loading()
-    return Embedder(args.embedder)
+    return Embedder(args.embedder, device=args.device)
 
 
 def _quiet_model_loading() -> None:
@@ -167,9 +237,37 @@ def _quiet_model_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _stream_answer(question: str, pieces):
+    """Print "Q:", then the answer as `RAGPipeline.stream` yields it, then its sources.
+
+    The first piece is awaited before anything is printed, so a question that fails
+    (retrieval, a prompt too long) prints only its error.
+    """
+    pieces = iter(pieces)
+    first = next(pieces)
+    print(f"Q: {question}")
+    print("A: ", end="", flush=True)
+    answer = None
+    try:
+        for piece in itertools.chain([first], pieces):
+            if isinstance(piece, str):
+                print(piece, end="", flush=True)
+            else:
+                answer = piece
+    finally:
+        print(flush=True)
+    assert answer is not None, "RAGPipeline.stream ends with the Answer"
+    _print_sources(answer)
+    return answer
+
+
 def _print_answer(answer) -> None:
     print(f"Q: {answer.question}")
     print(f"A: {answer.text}")
+    _print_sources(answer)
+
+
+def _print_sources(answer) -> None:
     sources = ", ".join(
         f"{Path(s['source']).name or s['source']}"
         + ("" if s["score"] is None else f" ({s['score']:.2f})")
@@ -177,10 +275,18 @@ def _print_answer(answer) -> None:
     )
     u = answer.usage
     print(f"   sources: {sources or '(none)'}")
+    if answer.history_turns:
+        turns = "turn" if answer.history_turns == 1 else "turns"
+        print(f"   history: {answer.history_turns} earlier {turns} in the prompt")
     print(
         f"   tokens: {u.prompt_tokens} prompt ({u.cached_tokens} from the chunk cache), "
         f"{u.completion_tokens} generated\n"
     )
+
+
+def _print_error(exc: BaseException) -> None:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"cascade-rag: error: {message}", file=sys.stderr, flush=True)
 
 
 def _print_stats(engine) -> None:
@@ -194,6 +300,24 @@ def _print_stats(engine) -> None:
 
 
 # ---- arguments -----------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to an option's help, unless the help already says it or there
+    is nothing to show (None, or False for a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (and subcommand parsers) that show defaults in --help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -212,6 +336,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--kv-cache-tokens", type=_positive, default=16384, help="KV cache size in tokens"
+    )
+    common.add_argument(
+        "--device",
+        type=_device,
+        default="cpu",
+        help="where the LLM and embedder run: cpu, cuda or cuda:N",
+    )
+    common.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weights and KV dtype; auto is float32 on the CPU, bfloat16 on CUDA",
     )
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -234,11 +370,12 @@ def _parser() -> argparse.ArgumentParser:
         "--docs", default=None, help="a document folder (indexed once, cached; default: bundled)"
     )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cascade-rag",
         description="Answer questions over your documents with a local LLM that computes "
         "each retrieved passage's KV once and shares it across requests.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser(
@@ -257,7 +394,14 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "chat",
         parents=[common, splitting, answering, source],
-        help="answer questions read from stdin until EOF or 'exit'",
+        help="answer questions read from stdin until EOF or 'exit', keeping the conversation",
+    )
+    p.add_argument(
+        "--history-turns",
+        type=_non_negative,
+        default=8,
+        help="earlier questions and answers sent with each question (0: none); the oldest "
+        "are dropped first where they do not fit the context",
     )
     p.set_defaults(run=_chat)
 
@@ -268,6 +412,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_demo)
     return parser
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("cascade-rag")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def _positive(text: str) -> int:

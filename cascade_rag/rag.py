@@ -1,22 +1,33 @@
-"""Question answering over retrieved passages: retrieve, compose, generate.
+"""Question answering over retrieved passages: retrieve, compose, generate (or stream).
 
-Each question becomes a `Composition` of [system prompt | retrieved chunks | "Question: ..."].
+Each question becomes a `Composition` of [system prompt | retrieved chunks | query part].
 The system prompt is one chunk shared by every request, and passages retrieved for several
 questions are shared chunks too, so the engine computes their KV once. `ask_many` sends all
 questions as one batch, which the engine serves with cascade attention over the shared chunks.
 
-This module does not index documents (see `cascade_rag.retrieval`) or parse command lines
-(see `cascade_rag.cli`).
+Chat history (earlier questions and answers) goes into the query part, the request's private
+tail, as chat turns of the model's template:
+
+    [system | chunk 1 .. chunk k | Question: q1 <end> assistant: a1 <end> user: Question: q]
+
+so the system prompt and the passages stay the same cacheable chunks whatever was said
+before; only the history is computed per request. Turns that would not leave room for the
+answer in the context (or the KV pool) are dropped, oldest first. Retrieval uses the current
+question alone.
+
+This module does not index documents (see `cascade_rag.retrieval`), keep a conversation
+between calls (the caller passes the history), or parse command lines (see `cascade_rag.cli`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cascade_rag.chunks import Chunk
 from cascade_rag.composition import Composition
+from cascade_rag.engine.sequence import PreparedPrompt
 from cascade_rag.outputs import GenerationOutput, Usage
 from cascade_rag.retrieval.retriever import Retriever
 from cascade_rag.sampling import SamplingParams
@@ -29,6 +40,12 @@ DEFAULT_SYSTEM_PROMPT = (
     "below. If they do not contain the answer, say that you do not know."
 )
 
+# (question, answer) pairs, or {"role": "user" | "assistant", "content": ...} messages.
+History = Sequence[tuple[str, str]] | Sequence[Mapping[str, str]]
+
+_SYS = "\u2063cascade-rag-rag-system\u2063"
+_DOCS = "\u2063cascade-rag-rag-documents\u2063"
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -40,12 +57,15 @@ class Answer:
         sources: the retrieved passages, best first: dicts with "source" (document path),
             "score" (similarity, None if the source gives none) and "chunk_id".
         usage: token counts; `usage.cached_tokens` prompt tokens came from the chunk cache.
+        history_turns: earlier turns of the history that were in the prompt (the most recent
+            ones; older turns were dropped to fit the context).
     """
 
     question: str
     text: str
     sources: list[dict[str, Any]]
     usage: Usage
+    history_turns: int = 0
 
 
 class RAGPipeline:
@@ -58,12 +78,18 @@ class RAGPipeline:
         system_prompt: instructions shared by every request.
         sampling: sampling parameters for every answer; None is greedy, 256 tokens at most.
 
+    Every answering method takes an optional `history`: the conversation so far, as
+    (question, answer) pairs or as {"role": "user" | "assistant", "content": ...} messages
+    (a pair's question is sent as "Question: ..." like the current one; messages as given).
+
     Example:
         >>> engine = CascadeEngine()
         >>> index = DocumentIndex.from_folder("handbook/", engine)
         >>> rag = RAGPipeline(engine, Retriever(engine, index, k=3))
         >>> answer = rag.ask("When does the Central Library open on Saturdays?")
         >>> answer.text, [s["source"] for s in answer.sources], answer.usage.cached_tokens
+        >>> for piece in rag.stream("And on Sundays?", history=[(answer.question, answer.text)]):
+        ...     print(piece if isinstance(piece, str) else f"\\n{piece.sources}", end="")
     """
 
     def __init__(
@@ -84,19 +110,33 @@ class RAGPipeline:
         self.system_prompt = system_prompt
         self.sampling = sampling if sampling is not None else SamplingParams()
 
-    def compose(self, question: str, chunks: Sequence[Chunk]) -> Composition:
-        """The prompt for `question` over `chunks`: [system | chunks | "Question: ..."]."""
+    def compose(
+        self, question: str, chunks: Sequence[Chunk], history: History | None = None
+    ) -> Composition:
+        """The prompt for `question` over `chunks`: [system | chunks | history + question].
+
+        All of `history` is used; `ask` and `stream` drop its oldest turns to fit the context.
+        """
+        turns = _history_turns(history)
         return Composition(
-            query=f"Question: {question}", chunks=list(chunks), system=self.system_prompt
+            query=self._query_text(turns, question), chunks=list(chunks), system=self.system_prompt
         )
 
-    def ask(self, question: str) -> Answer:
-        """Retrieve passages for `question` and answer it.
+    # ---- answering ---------------------------------------------------------------------
+
+    def ask(self, question: str, history: History | None = None) -> Answer:
+        """Retrieve passages for `question` and answer it (after the turns of `history`).
 
         Raises:
             ValueError: an empty question, an empty index, or a prompt too long for the model.
+            TypeError: a history that is neither pairs nor messages.
         """
-        return self.ask_many([question])[0]
+        if history is None:
+            return self.ask_many([question])[0]
+        question, turns = _check_question(question), _history_turns(history)
+        chunks = self.retriever.retrieve(question)
+        prompt, used = self._prompt(question, chunks, turns)
+        return _answer(question, chunks, self.engine.generate(prompt, self.sampling), used)
 
     def ask_many(self, questions: Sequence[str]) -> list[Answer]:
         """Answer several questions in one engine batch (shared chunks are computed once)."""
@@ -110,12 +150,143 @@ class RAGPipeline:
         outputs = self.engine.generate(prompts, self.sampling)
         return [_answer(q, c, o) for q, c, o in zip(questions, retrieved, outputs)]
 
-    async def aask(self, question: str) -> Answer:
+    async def aask(self, question: str, history: History | None = None) -> Answer:
         """Async `ask`; concurrent calls join the engine's running batch."""
-        question = _check_question(question)
+        question, turns = _check_question(question), _history_turns(history)
         chunks = await self.retriever.aretrieve(question)
-        output = await self.engine.agenerate(self.compose(question, chunks), self.sampling)
-        return _answer(question, chunks, output)
+        prompt, used = self._prompt(question, chunks, turns)
+        output = await self.engine.agenerate(prompt, self.sampling)
+        return _answer(question, chunks, output, used)
+
+    def stream(self, question: str, history: History | None = None) -> Iterator[str | Answer]:
+        """Answer `question`, yielding the answer's text as it is generated, then the `Answer`.
+
+        The text pieces (str) concatenate to `Answer.text` (leading and trailing whitespace
+        is not sent). Stopping the iteration early aborts the request.
+
+        Example:
+            >>> for piece in rag.stream("When is the Lantern Festival?"):
+            ...     if isinstance(piece, str):
+            ...         print(piece, end="", flush=True)
+            ...     else:
+            ...         answer = piece  # sources, usage
+        """
+        question, turns = _check_question(question), _history_turns(history)
+        chunks = self.retriever.retrieve(question)
+        prompt, used = self._prompt(question, chunks, turns)
+        deltas = self.engine.stream(prompt, self.sampling)
+        trim = _StrippedText()
+        try:
+            for delta in deltas:
+                text = trim.feed(delta.text)
+                if text:
+                    yield text
+                if delta.output is not None:
+                    yield _answer(question, chunks, delta.output, used)
+        finally:
+            deltas.close()
+
+    async def astream(
+        self, question: str, history: History | None = None
+    ) -> AsyncIterator[str | Answer]:
+        """Async `stream`."""
+        question, turns = _check_question(question), _history_turns(history)
+        chunks = await self.retriever.aretrieve(question)
+        prompt, used = self._prompt(question, chunks, turns)
+        deltas = self.engine.astream(prompt, self.sampling)
+        trim = _StrippedText()
+        try:
+            async for delta in deltas:
+                text = trim.feed(delta.text)
+                if text:
+                    yield text
+                if delta.output is not None:
+                    yield _answer(question, chunks, delta.output, used)
+        finally:
+            await deltas.aclose()
+
+    # ---- prompts -----------------------------------------------------------------------
+
+    def _prompt(
+        self, question: str, chunks: list[Chunk], turns: list[list[dict[str, str]]]
+    ) -> tuple[Composition | PreparedPrompt, int]:
+        """The request's prompt with as many of the latest turns as fit, and their number.
+
+        A prompt fits when it leaves `sampling.max_tokens` tokens for the answer in both the
+        model's context and the KV pool. With no turn kept the prompt goes to the engine as
+        it is (the engine shortens the answer or raises, as for a question without history).
+        """
+        if not turns:
+            return self.compose(question, chunks), 0
+        config = self.engine.config
+        pool = (config.num_pages - len(chunks) - 2) * config.page_size
+        budget = min(self.engine.max_model_len, pool) - self.sampling.max_tokens
+        for start in range(len(turns)):
+            prompt = Composition(
+                query=self._query_text(turns[start:], question),
+                chunks=list(chunks),
+                system=self.system_prompt,
+            )
+            prepared = self.engine.prepare(prompt)
+            if len(prepared.token_ids) <= budget:
+                return prepared, len(turns) - start
+        return self.compose(question, chunks), 0
+
+    def _query_text(self, turns: list[list[dict[str, str]]], question: str) -> str:
+        """The private part after the chunks: earlier turns as chat turns, then the question.
+
+        With a chat template the first turn's question continues the user turn that holds
+        the documents, and every later message is a turn of its own, rendered by the template
+        itself; without one, turns are plain paragraphs ("Answer: ..." for the model's).
+        """
+        query = f"Question: {question}"
+        messages = [m for turn in turns for m in turn]
+        if not messages:
+            return query
+        messages.append({"role": "user", "content": query})
+        tokenizer = self.engine.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            return "\n\n".join(
+                m["content"] if m["role"] == "user" else f"Answer: {m['content']}" for m in messages
+            )
+        first, *rest = messages
+        first = {"role": "user", "content": _DOCS + first["content"]}
+        rendered = _render(tokenizer, [first, *rest])
+        tail = _render(tokenizer, [{"role": "user", "content": _DOCS}]).partition(_DOCS)[2]
+        _, found, after = rendered.partition(_DOCS)
+        if not found or not after.endswith(tail):
+            raise ValueError(
+                "the model's chat template does not render chat history after the documents "
+                "as turns of its own; call without history"
+            )
+        return after[: len(after) - len(tail)]
+
+
+def _render(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The chat template applied to [system marker, *messages], with the generation prompt."""
+    return tokenizer.apply_chat_template(
+        [{"role": "system", "content": _SYS}, *messages], tokenize=False, add_generation_prompt=True
+    )
+
+
+class _StrippedText:
+    """Streamed text pieces whose concatenation is the whole text stripped: leading
+    whitespace is dropped and trailing whitespace is held back until more text follows."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.pending = ""
+
+    def feed(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.started = True
+        text = self.pending + text
+        body = text.rstrip()
+        self.pending = text[len(body) :]
+        return body
 
 
 def _check_question(question: Any) -> str:
@@ -124,10 +295,68 @@ def _check_question(question: Any) -> str:
     return question.strip()
 
 
-def _answer(question: str, chunks: list[Chunk], output: GenerationOutput) -> Answer:
+def _history_turns(history: History | None) -> list[list[dict[str, str]]]:
+    """History as turns, oldest first: each a user message and the replies that follow it."""
+    if history is None:
+        return []
+    if isinstance(history, (str, Mapping)) or not isinstance(history, Sequence):
+        raise TypeError(
+            "history must be a list of (question, answer) pairs or of {'role', 'content'} "
+            f"messages, got {type(history).__name__}"
+        )
+    items = list(history)
+    if all(isinstance(item, Mapping) for item in items):
+        return _message_turns(items)
+    turns = []
+    for item in items:
+        if (
+            not isinstance(item, (tuple, list))
+            or len(item) != 2
+            or not all(isinstance(text, str) for text in item)
+        ):
+            raise TypeError(
+                "history must be a list of (question, answer) pairs of str or of "
+                f"{{'role', 'content'}} messages; got the item {item!r}"
+            )
+        question, answer = item
+        turns.append(
+            [
+                {"role": "user", "content": f"Question: {_check_question(question)}"},
+                {"role": "assistant", "content": answer.strip()},
+            ]
+        )
+    return turns
+
+
+def _message_turns(messages: list[Mapping]) -> list[list[dict[str, str]]]:
+    turns: list[list[dict[str, str]]] = []
+    for message in messages:
+        role, content = message.get("role"), message.get("content")
+        if role not in ("user", "assistant") or not isinstance(content, str):
+            raise ValueError(
+                "history messages need role 'user' or 'assistant' and str content (the system "
+                f"prompt is the pipeline's system_prompt); got {dict(message)!r}"
+            )
+        if not turns and role != "user":
+            raise ValueError("history must start with a 'user' message")
+        if role == "user":
+            turns.append([])
+        turns[-1].append({"role": role, "content": content.strip()})
+    return turns
+
+
+def _answer(
+    question: str, chunks: list[Chunk], output: GenerationOutput, history_turns: int = 0
+) -> Answer:
     ranked = sorted(chunks, key=lambda c: c.metadata.get("rank", 0))
     sources = [
         {"source": c.metadata.get("source", ""), "score": c.metadata.get("score"), "chunk_id": c.id}
         for c in ranked
     ]
-    return Answer(question=question, text=output.text.strip(), sources=sources, usage=output.usage)
+    return Answer(
+        question=question,
+        text=output.text.strip(),
+        sources=sources,
+        usage=output.usage,
+        history_turns=history_turns,
+    )

@@ -47,6 +47,33 @@ def test_missing_index_exits_nonzero_with_a_message(tmp_path):
 def test_bad_arguments_exit_with_usage():
     result = run_cli("ask", "Where?", "-k", "0")
     assert result.returncode == 2 and "positive integer" in result.stderr
+    result = run_cli("ask", "Where?", "--device", "gpu")
+    assert result.returncode == 2 and "expected cpu, cuda or cuda:N, got 'gpu'" in result.stderr
+    result = run_cli("chat", "--dtype", "float64")
+    assert result.returncode == 2 and "invalid choice: 'float64'" in result.stderr
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib import metadata
+
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"cascade-rag {metadata.version('cascade-rag')}"
+
+
+@pytest.mark.parametrize("command", ["ingest", "ask", "chat", "demo"])
+def test_help_shows_the_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # help lines wrap anywhere
+    for shown in ("(default: 16384)", "(default: cpu)", "(default: auto)"):
+        assert shown in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    if command != "ingest":
+        assert "(default: 3)" in text and "(default: 128)" in text  # -k, --max-tokens
+    if command == "chat":
+        assert "(default: 8)" in text  # --history-turns
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +90,32 @@ def shared_models(default_model, embedder, monkeypatch):
     import cascade_rag.retrieval
 
     real_engine = cascade_rag.llm.CascadeEngine
-    monkeypatch.setattr(
-        cascade_rag.llm, "CascadeEngine", lambda model=None, **kw: real_engine(default_model, **kw)
-    )
-    monkeypatch.setattr(cascade_rag.retrieval, "Embedder", lambda model=None: embedder)
+    built: list[dict] = []  # the keyword arguments of every engine the CLI builds
+
+    def engine(model=None, **kw):
+        built.append(kw)
+        return real_engine(default_model, **kw)
+
+    monkeypatch.setattr(cascade_rag.llm, "CascadeEngine", engine)
+    monkeypatch.setattr(cascade_rag.retrieval, "Embedder", lambda model=None, **kw: embedder)
+    return built
 
 
-def test_ask_over_the_bundled_documents(shared_models, tmp_path, capsys):
+class WriteRecorder(io.StringIO):
+    """stdout that remembers the text written before each flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+        super().flush()
+
+
+def test_ask_streams_over_the_bundled_documents(shared_models, tmp_path, monkeypatch):
+    stdout = WriteRecorder()
+    monkeypatch.setattr(sys, "stdout", stdout)
     status = cli.main(
         [
             "ask",
@@ -85,10 +131,16 @@ def test_ask_over_the_bundled_documents(shared_models, tmp_path, capsys):
             "-q",
         ]
     )
-    out = capsys.readouterr().out
+    out = stdout.getvalue()
     assert status == 0
+    assert shared_models == [
+        {"kv_cache_tokens": 4096, "cache_dir": str(tmp_path), "device": "cpu", "dtype": "auto"}
+    ]
     answer = next(line for line in out.splitlines() if line.startswith("A: "))
     assert len(answer) > len("A: ")
+    # streamed: the answer line reached the terminal in several flushed pieces, before its end
+    partial = [f for f in stdout.flushed if "A: " in f and "sources:" not in f]
+    assert len({f.split("A: ", 1)[1] for f in partial}) > 2
     assert "parks_and_events.md" in out
     assert "cache: " in out and "of prompt tokens from the chunk cache" in out
     assert len(list((tmp_path / "indexes").iterdir())) == 1  # the bundled docs' cached index
@@ -104,11 +156,61 @@ def test_ingest_then_chat_over_the_index(shared_models, tmp_path, capsys, monkey
     assert cli.main(["ingest", str(docs), "--index", index, *common]) == 0
     assert "indexed 1 passages" in capsys.readouterr().out
 
-    monkeypatch.setattr(
-        sys, "stdin", io.StringIO("How often does the ferry leave?\n\nexit\nnot read\n")
-    )
+    too_long = "ferry " * 5000  # more tokens than the KV pool holds
+    lines = [
+        b"How often does the \xff ferry leave?",  # not UTF-8
+        b"",
+        b"How often does the ferry leave?",
+        too_long.encode(),
+        b"Where does it leave from?",
+        b"exit",
+        b"not read",
+    ]
+    stdin = io.TextIOWrapper(io.BytesIO(b"\n".join(lines) + b"\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
     status = cli.main(["chat", "--index", index, "--max-tokens", "8", *common])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert status == 0
-    assert out.count("Q: ") == 1 and "not read" not in out
+    assert out.count("Q: ") == 2 and "not read" not in out and "ferry ferry" not in out
     assert "ferry.md" in out and "cache: " in out
+    # the second question went with the first one and its answer
+    assert "history: 1 earlier turn in the prompt" in out
+    errors = err.splitlines()
+    assert len(errors) == 2 and all(e.startswith("cascade-rag: error: ") for e in errors)
+    assert "line 1 is not valid utf-8 text" in errors[0]
+    assert "KV pages" in errors[1] or "context" in errors[1]
+
+
+def test_interactive_chat_exits_cleanly_on_ctrl_d_and_ctrl_c(
+    shared_models, tmp_path, capsys, monkeypatch
+):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "ferry.md").write_text("# Ferry\n\nThe Gull Island ferry leaves every 30 minutes.")
+    args = ["chat", "--docs", str(docs), "--cache-dir", str(tmp_path), "--max-tokens", "4", "-q"]
+    for end, status in ((EOFError, 0), (KeyboardInterrupt, 130)):
+        terminal = FakeTerminal(["How often does the ferry leave?"], end)
+        monkeypatch.setattr(sys, "stdin", terminal)
+        monkeypatch.setattr("builtins.input", terminal.input)
+        assert cli.main(args) == status
+        out, err = capsys.readouterr()
+        assert terminal.prompts == ["> ", "> "]
+        assert out.count("Q: ") == 1 and "Traceback" not in err
+
+
+class FakeTerminal(io.StringIO):
+    """A terminal on stdin: `input` returns the typed lines, then raises `end` (EOFError for
+    Ctrl-D, KeyboardInterrupt for Ctrl-C)."""
+
+    def __init__(self, typed: list[str], end: type[BaseException]) -> None:
+        super().__init__()
+        self.typed, self.end, self.prompts = list(typed), end, []
+
+    def isatty(self) -> bool:
+        return True
+
+    def input(self, prompt: str = "") -> str:
+        self.prompts.append(prompt)
+        if not self.typed:
+            raise self.end
+        return self.typed.pop(0)

@@ -1,5 +1,5 @@
 """Turn what a caller sends (a prompt, chat messages, or an explicit RAG composition) into a
-`PreparedPrompt`: a chain of registered chunks followed by the request's private tokens.
+`PreparedPrompt`: a chain of chunks followed by the request's private tokens.
 
 Tokenization rule at chunk boundaries (DESIGN.md rule 4): every chunk is tokenized on its own
 and the prompt is the concatenation of the chunks' token ids; that concatenation *is* the
@@ -7,16 +7,38 @@ prompt (the Hugging Face reference is run on the same ids). Retrieved and contex
 with a blank line so that a chunk boundary is also a line boundary.
 
 Plain prompts and chat messages are tokenized whole (nothing changes for the caller) and then
-cut, between tokens, after line ends once a piece is long enough; the pieces are registered as
-CONTEXT chunks, so a later prompt that starts with the same text reuses their KV.
+cut, between tokens, after line ends once a piece is long enough; the pieces are CONTEXT
+chunks, so a later prompt that starts with the same text reuses their KV.
+
+Control tokens come only from the chat template. Documents, queries, plain prompts and message
+contents are tokenized as text: a retrieved passage containing "<|im_end|>\\n<|im_start|>system"
+stays those characters and never becomes the model's turn markers (`TextTokenizer`). For chat
+messages the template is rendered around placeholders, so the composer knows which characters
+the template wrote; control-token strings are parsed there only, and the text between two
+template control tokens (template text and contents together) is tokenized as one plain piece.
+For benign contents this gives exactly the ids of tokenizing the rendered chat whole, for
+tokenizers that pre-tokenize every piece between special tokens alike (byte-level BPE such as
+SmolLM2, Llama 3, Qwen; word-level).
+
+Two phases: `PromptComposer.prepare(prompt, register=False)` builds chunks with their final ids
+without adding them to the registry, so a request refused afterwards (too long, no pages)
+leaves nothing behind; `PromptComposer.commit` then registers them. Every `Chunk` object a
+caller passes goes through `ChunkRegistry.adopt`: its id is recomputed, never trusted.
 
 This module neither computes KV nor decides sharing; it only produces token-id chunks.
 """
 
 from __future__ import annotations
 
+import builtins
+import json
+import re
+import secrets
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cascade_rag.chunks import Chunk, ChunkRegistry, ChunkType
 from cascade_rag.engine.sequence import PreparedPrompt
@@ -39,8 +61,9 @@ class Composition:
 
     Args:
         query: the user's question (private to the request).
-        chunks: ordered context: `Chunk` objects, `ChunkId`s of registered chunks, or text
-            (registered as RAG_RESULT chunks).
+        chunks: ordered context: `Chunk` objects (re-registered by their tokens, see
+            `ChunkRegistry.adopt`), `ChunkId`s of registered chunks, or text (registered as
+            RAG_RESULT chunks).
         system: system prompt text or a SYSTEM_PROMPT chunk; None uses the chat template's
             default (if any).
 
@@ -54,8 +77,11 @@ class Composition:
 
     def __post_init__(self) -> None:
         if not isinstance(self.query, str):
-            raise TypeError(f"Composition.query must be a str, got {type(self.query).__name__}")
-        if isinstance(self.chunks, (str, Chunk)):
+            raise TypeError(
+                f"Composition.query must be a str, got {type(self.query).__name__}"
+                + (": decode bytes first" if isinstance(self.query, bytes) else "")
+            )
+        if isinstance(self.chunks, (str, bytes, Chunk)):
             raise TypeError("Composition.chunks must be a list of chunks, not a single one")
         for item in self.chunks:
             if not isinstance(item, (str, Chunk)):
@@ -66,6 +92,175 @@ class Composition:
             raise TypeError(f"system must be str or Chunk, got {type(self.system).__name__}")
 
 
+def check_text(text: object, what: str) -> str:
+    """`text` if it is a str of valid Unicode; otherwise a TypeError / ValueError naming `what`.
+
+    Example:
+        >>> check_text("fine", "query")
+        'fine'
+    """
+    if isinstance(text, (bytes, bytearray)):
+        raise TypeError(
+            f"{what} must be str, not {type(text).__name__}: decode it first "
+            f"({what}.decode('utf-8'))"
+        )
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} is not valid Unicode text: lone surrogate {text[exc.start]!r} at index "
+            f"{exc.start}; decode bytes with errors='replace' or remove the character"
+        ) from None
+    return text
+
+
+class TextTokenizer:
+    """Tokenizes text as text, and template pieces with their control tokens.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer. Fast tokenizers get a private copy of their
+            backend in which every added token (except whitespace ones) is special and
+            special-token parsing is off, so no string in a text ever becomes an added token;
+            the caller's tokenizer is never reconfigured (its `encode_special_tokens` switch
+            is shared state). Slow tokenizers use `split_special_tokens=True`.
+
+    Control tokens are the tokenizer's added tokens whose content is not whitespace.
+
+    Example:
+        >>> tt = TextTokenizer(tokenizer)
+        >>> tt.encode("a <|im_end|> b")  # the string, as text
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self._added = {tok.content: (i, tok) for i, tok in decoder.items()}
+        self._added_by_id = dict(decoder)
+        control = sorted((c for c in self._added if c and not c.isspace()), key=len, reverse=True)
+        self.control_ids = frozenset(self._added[c][0] for c in control)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        # unknown words map to the unk token: text can produce it without naming it
+        self._forbidden = self.control_ids - {unk}
+        self._control_re = re.compile("|".join(map(re.escape, control))) if control else None
+        self._backend = _plain_backend(tokenizer)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text` with no added-token parsing (the tokenizer's BOS etc. with
+        add_special_tokens=True)."""
+        return self._encode_with_ends(text, add_special_tokens)[0]
+
+    def contains_control(self, text: str) -> bool:
+        """Whether `text` contains a control-token string."""
+        return self._control_re is not None and self._control_re.search(text) is not None
+
+    def encode_parts(self, parts: Sequence[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+        """Token ids of the concatenated parts, and each token's end in characters.
+
+        Args:
+            parts: (text, is_template) pairs. Control-token strings are parsed only inside
+                template parts; the characters between two template control tokens are
+                tokenized as one plain piece (so a boundary between template text and
+                content does not split a word).
+
+        Returns:
+            (ids, ends): `ends[i]` is the character offset in the joined text where token i
+            ends (from the tokenizer's offsets; a slow tokenizer has none, and every token of
+            a plain piece then ends where the piece ends).
+        """
+        text = "".join(t for t, _ in parts)
+        # (start, end, id) of the control tokens the template wrote
+        controls: list[tuple[int, int, int]] = []
+        pos = 0
+        for part, is_template in parts:
+            if is_template and self._control_re is not None:
+                for m in self._control_re.finditer(part):
+                    controls.append((pos + m.start(), pos + m.end(), self._added[m.group()][0]))
+            pos += len(part)
+        ids: list[int] = []
+        ends: list[int] = []
+        start = 0
+        for c_start, c_end, c_id in [*controls, (len(text), len(text), -1)]:
+            piece_end = c_start
+            if c_id >= 0 and self._added_token(c_id).lstrip:
+                while piece_end > start and text[piece_end - 1].isspace():
+                    piece_end -= 1
+            if piece_end > start:
+                piece_ids, piece_ends = self._encode_with_ends(text[start:piece_end], False)
+                ids.extend(piece_ids)
+                ends.extend(start + e for e in piece_ends)
+            if c_id < 0:
+                break
+            ids.append(c_id)
+            ends.append(c_end)
+            start = c_end
+            if self._added_token(c_id).rstrip:
+                while start < len(text) and text[start].isspace():
+                    start += 1
+        return ids, ends
+
+    def _added_token(self, token_id: int) -> Any:
+        return self._added_by_id[token_id]
+
+    def _encode_with_ends(self, text: str, add_special_tokens: bool) -> tuple[list[int], list[int]]:
+        if self._backend is not None:
+            enc = self._backend.encode(text, add_special_tokens=add_special_tokens)
+            ids, ends = list(enc.ids), [e for _, e in enc.offsets]
+            from_text = [i for i, m in zip(enc.ids, enc.special_tokens_mask) if not m]
+        else:
+            from_text = list(
+                self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+            )
+            ids = from_text
+            if add_special_tokens:
+                ids = list(self.tokenizer.build_inputs_with_special_tokens(from_text))
+            ends = [len(text)] * len(ids)
+        bad = self._forbidden.intersection(from_text)
+        if bad:  # a vocabulary that spells a control token from plain bytes
+            raise ValueError(
+                f"the tokenizer turns plain text into control token id {min(bad)} "
+                f"({text[:60]!r}...); it cannot keep this text apart from its control tokens"
+            )
+        return ids, ends
+
+
+_plain_backends: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_plain_backends_lock = threading.Lock()
+
+
+def _plain_backend(tokenizer: Any):
+    """A private copy of a fast tokenizer's backend that never parses added tokens, or None
+    for a slow tokenizer. Cached per tokenizer (and its vocabulary size)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    key = len(tokenizer)
+    with _plain_backends_lock:
+        try:
+            cached = _plain_backends.get(tokenizer)
+        except TypeError:  # not weak-referenceable
+            cached = None
+        if cached is not None and cached[0] == key:
+            return cached[1]
+    from tokenizers import Tokenizer
+
+    data = json.loads(backend.to_str())
+    for tok in data.get("added_tokens", []):
+        if not tok["content"].isspace():
+            tok["special"] = True
+    data["truncation"] = None
+    data["padding"] = None
+    plain = Tokenizer.from_str(json.dumps(data))
+    plain.encode_special_tokens = True  # special tokens in a text stay text
+    with _plain_backends_lock:
+        try:
+            _plain_backends[tokenizer] = (key, plain)
+        except TypeError:
+            pass
+    return plain
+
+
 class PromptComposer:
     """Builds `PreparedPrompt`s with one tokenizer and one chunk registry.
 
@@ -74,6 +269,12 @@ class PromptComposer:
         registry: where chunks are registered by content hash.
         auto_chunk_min_tokens: smallest piece a plain prompt is cut into.
         use_chunks: False turns every prompt into private tokens (no KV reuse).
+
+    Example:
+        >>> composer = PromptComposer(tokenizer, registry)
+        >>> planned = composer.prepare(Composition(query="Where is Plum?", chunks=[doc]),
+        ...                            register=False)   # nothing registered yet
+        >>> prepared = composer.commit(planned)          # now it is
     """
 
     def __init__(
@@ -87,26 +288,66 @@ class PromptComposer:
         self.registry = registry
         self.auto_chunk_min_tokens = auto_chunk_min_tokens
         self.use_chunks = use_chunks
+        self.text = TextTokenizer(tokenizer)
         self._line_end: list[bool] | None = None
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
 
     # ---- chunks ------------------------------------------------------------------------
 
     def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.text.encode(text)
+
+    def _chunk(
+        self,
+        ids: Sequence[int],
+        type: ChunkType,
+        text: str | None,
+        metadata: Mapping | None,
+        register: bool,
+    ) -> Chunk:
+        if register:
+            return self.registry.register(ids, type=type, text=text, metadata=metadata)
+        return self.registry.chunk_for(ids, type=type, text=text, metadata=metadata)
 
     def register_text(
-        self, text: str, type: ChunkType = ChunkType.RAG_RESULT, metadata: Mapping | None = None
+        self,
+        text: str,
+        type: ChunkType = ChunkType.RAG_RESULT,
+        metadata: Mapping | None = None,
+        *,
+        register: bool = True,
     ) -> Chunk:
-        """Register a text chunk (a blank line is appended unless it ends with a newline)."""
-        if not isinstance(text, str):
-            raise TypeError(f"chunk text must be str, got {type(text).__name__}")
+        """Register a text chunk (a blank line is appended unless it ends with a newline).
+
+        The text is tokenized as text (no control tokens); a SYSTEM_PROMPT chunk is wrapped
+        in the chat template's system turn, whose control tokens come from the template.
+
+        Args:
+            text: the chunk's text.
+            type: a `ChunkType` or its value string.
+            metadata: extras kept with the chunk.
+            register: False returns the chunk without adding it to the registry.
+
+        Raises:
+            TypeError: text is not a str (bytes: decode first), metadata not a mapping.
+            ValueError: empty text, lone surrogates, an unknown type.
+        """
+        check_text(text, "chunk text")
         if not text.strip():
             raise ValueError("chunk text is empty; pass a non-empty string")
-        if type is ChunkType.SYSTEM_PROMPT:
-            return self._system_chunk(text, metadata)
+        try:
+            chunk_type = ChunkType(type)
+        except ValueError:
+            valid = ", ".join(t.value for t in ChunkType)
+            raise ValueError(f"unknown chunk type {type!r}; use one of: {valid}") from None
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(
+                f"chunk metadata must be a mapping, got {builtins.type(metadata).__name__}"
+            )
+        if chunk_type is ChunkType.SYSTEM_PROMPT:
+            return self._system_chunk(text, metadata, register)
         body = text if text.endswith("\n") else text + "\n\n"
-        return self.registry.register(self._encode(body), type=type, text=text, metadata=metadata)
+        return self._chunk(self._encode(body), chunk_type, text, metadata, register)
 
     def _template_parts(self, system: bool) -> tuple[str, str, str]:
         """(head, between, tail) around the system and user contents in the chat template."""
@@ -125,81 +366,184 @@ class PromptComposer:
             head, between = "", before_user
         return head, between, tail
 
-    def _system_chunk(self, text: str | None, metadata: Mapping | None = None) -> Chunk | None:
+    def _system_chunk(
+        self, text: str | None, metadata: Mapping | None = None, register: bool = True
+    ) -> Chunk | None:
         head, between, _ = self._template_parts(system=text is not None)
-        body = head + (text or "") + between
-        if not body:
+        parts = [(head, True), (text or "", False), (between, True)]
+        ids, _ = self.text.encode_parts(parts)
+        if not ids:
             return None
-        return self.registry.register(
-            self._encode(body), type=ChunkType.SYSTEM_PROMPT, text=text, metadata=metadata
-        )
+        return self._chunk(ids, ChunkType.SYSTEM_PROMPT, text, metadata, register)
 
     # ---- prompts -----------------------------------------------------------------------
 
-    def prepare(self, prompt) -> PreparedPrompt:
-        """A `PreparedPrompt` from a str, a list of chat messages, or a `Composition`."""
+    def prepare(self, prompt, *, register: bool = True) -> PreparedPrompt:
+        """A `PreparedPrompt` from a str, a list of chat messages, or a `Composition`.
+
+        Args:
+            prompt: plain text (tokenized as text, with the tokenizer's BOS if it adds one),
+                chat messages (rendered with the chat template), a `Composition`, or a
+                `PreparedPrompt` (its chunks adopted by the registry).
+            register: False leaves the registry untouched: the chunks have their final ids
+                and tokens but are not held; `commit` registers them.
+
+        Raises:
+            TypeError: a prompt of another type (bytes: decode first), a message that is not
+                a mapping or whose role / content is not a str.
+            ValueError: empty text, invalid Unicode (lone surrogates), a message field that
+                contains control-token strings where the template would parse them, a
+                `Chunk` whose id this registry holds for other tokens.
+            UnknownChunkError: a `ChunkId` that is not registered.
+
+        Example:
+            >>> planned = composer.prepare("Some long text ...", register=False)
+            >>> all(c.id not in composer.registry for c in planned.chunks)
+            True
+        """
+        planned = self._plan(prompt)  # registers nothing, whatever goes wrong
+        return self.commit(planned) if register else planned
+
+    def _plan(self, prompt) -> PreparedPrompt:
+        if isinstance(prompt, PreparedPrompt):
+            if not self.use_chunks:
+                return PreparedPrompt(chunks=(), tail_ids=tuple(prompt.token_ids))
+            chunks = tuple(self.registry.adopt(c, register=False) for c in prompt.chunks)
+            return PreparedPrompt(chunks=chunks, tail_ids=prompt.tail_ids)
         if isinstance(prompt, Composition):
             return self._compose(prompt)
         if isinstance(prompt, str):
+            check_text(prompt, "prompt")
             if not prompt.strip():
                 raise ValueError("prompt is empty; pass non-empty text")
-            ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
-            return self._split(ids)
-        if (
-            isinstance(prompt, (list, tuple))
-            and prompt
-            and all(isinstance(m, Mapping) for m in prompt)
-        ):
-            return self._split(*self._encode_messages(prompt))
+            return self._split(self.text.encode(prompt, add_special_tokens=True))
+        if isinstance(prompt, (bytes, bytearray)):
+            raise TypeError(
+                f"prompt must be a str, not {type(prompt).__name__}: decode it first "
+                "(prompt.decode('utf-8'))"
+            )
+        if isinstance(prompt, (list, tuple)) and prompt:
+            for i, m in enumerate(prompt):
+                if not isinstance(m, Mapping):
+                    raise TypeError(
+                        "prompt must be a non-empty str, a list of {'role', 'content'} messages "
+                        f"or a Composition; message {i} is a {type(m).__name__}"
+                    )
+            ids, cuts = self._encode_messages(prompt)
+            return self._split(ids, cuts)
         raise TypeError(
             "prompt must be a non-empty str, a list of {'role', 'content'} messages or a "
             f"Composition; got {type(prompt).__name__}"
         )
 
+    def commit(self, prepared: PreparedPrompt) -> PreparedPrompt:
+        """Register the chunks of a prompt prepared with register=False.
+
+        Returns the prompt with the registry's canonical chunk objects (a chunk registered
+        meanwhile by another request is shared, not duplicated). Every chunk is checked
+        before any is registered, so a refused prompt registers nothing.
+
+        Raises:
+            ValueError: a chunk whose id this registry holds for other tokens.
+        """
+        if not isinstance(prepared, PreparedPrompt):
+            raise TypeError(f"commit() takes a PreparedPrompt, got {type(prepared).__name__}")
+        for chunk in prepared.chunks:
+            self.registry.adopt(chunk, register=False)
+        chunks = tuple(self.registry.adopt(chunk) for chunk in prepared.chunks)
+        return PreparedPrompt(chunks=chunks, tail_ids=prepared.tail_ids)
+
     def _encode_messages(self, messages) -> tuple[list[int], set[int]]:
         """Token ids of the rendered conversation, and the token counts at which messages end
         (cut points: a system prompt is a chunk of its own however short it is)."""
-        for m in messages:
-            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise TypeError(f"each message needs str 'role' and 'content', got {dict(m)!r}")
+        messages = [dict(m) for m in messages]
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("role"), str):
+                raise TypeError(f"message {i} needs a str 'role', got {m.get('role')!r:.60}")
+            check_text(m.get("content"), f"message {i} content")
+            for key, value in m.items():
+                if key != "content" and isinstance(value, str):
+                    check_text(value, f"message {i} {key}")
+                    if self.text.contains_control(value):
+                        raise ValueError(
+                            f"message {i} {key} {value!r:.60} contains a control-token string; "
+                            "only message contents may hold arbitrary text"
+                        )
         if not any(m["content"].strip() for m in messages):
             raise ValueError("all messages are empty; pass non-empty content")
-        messages = [dict(m) for m in messages]
         if not self.has_chat_template:
             text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
-            return list(self.tokenizer.encode(text, add_special_tokens=True)), set()
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        try:
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        except NotImplementedError:  # a slow tokenizer has no offsets: no message cut points
-            return self._encode(text), set()
-        token_end = {end: i + 1 for i, (_, end) in enumerate(enc["offset_mapping"])}
+            return self.text.encode(text, add_special_tokens=True), set()
+        parts = self._render_parts(messages)
+        ids, ends = self.text.encode_parts(parts)
+        text = "".join(p for p, _ in parts)
+        token_end = {end: i + 1 for i, end in enumerate(ends)}
         cuts = set()
         for i in range(1, len(messages)):
             head = self.tokenizer.apply_chat_template(messages[:i], tokenize=False)
             if text.startswith(head) and len(head) in token_end:
                 cuts.add(token_end[len(head)])
-        return list(enc["input_ids"]), cuts
+        return ids, cuts
+
+    def _render_parts(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """The rendered conversation as (text, is_template) parts: which characters the chat
+        template wrote and which are message contents."""
+        nonce = secrets.token_hex(8)
+        marker = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
+        placeholders = [
+            {**m, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(messages)
+        ]
+        skeleton = self.tokenizer.apply_chat_template(
+            placeholders, tokenize=False, add_generation_prompt=True
+        )
+        rendered = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        pieces = marker.split(skeleton)  # [template, index, template, index, ..., template]
+        parts: list[tuple[str, bool]] = [(pieces[0], True)]
+        pos = len(pieces[0])
+        ok = rendered.startswith(pieces[0])
+        for k in range(1, len(pieces), 2):
+            if not ok:
+                break
+            content = messages[int(pieces[k])]["content"]
+            after = pieces[k + 1]
+            # the template may strip a content (e.g. `| trim`); anything else is not tracked
+            for shown in dict.fromkeys((content, content.strip())):
+                if rendered.startswith(shown + after, pos):
+                    parts += [(shown, False), (after, True)]
+                    pos += len(shown) + len(after)
+                    break
+            else:
+                ok = False
+        if not ok or pos != len(rendered):
+            raise ValueError(
+                "the chat template changes message contents in a way the composer cannot "
+                "follow, so it cannot tell contents from template text; pass a Composition "
+                "or plain text instead"
+            )
+        return [p for p in parts if p[0]]
 
     def _compose(self, comp: Composition) -> PreparedPrompt:
         chunks: list[Chunk] = []
         if isinstance(comp.system, Chunk):
-            chunks.append(comp.system)
+            chunks.append(self.registry.adopt(comp.system, register=False))
         else:
-            system = self._system_chunk(comp.system)
+            if comp.system is not None:
+                check_text(comp.system, "system prompt")
+            system = self._system_chunk(comp.system, register=False)
             if system is not None:
                 chunks.append(system)
         for item in comp.chunks:
             if isinstance(item, Chunk):
-                chunks.append(item)
+                chunks.append(self.registry.adopt(item, register=False))
             elif isinstance(item, ChunkId):
                 chunks.append(self.registry.get(item))
             else:
-                chunks.append(self.register_text(item, ChunkType.RAG_RESULT))
+                chunks.append(self.register_text(item, ChunkType.RAG_RESULT, register=False))
+        check_text(comp.query, "query")
         _, _, tail = self._template_parts(system=True)
-        tail_ids = self._encode(comp.query + tail)
+        tail_ids, _ = self.text.encode_parts([(comp.query, False), (tail, True)])
         if not tail_ids:
             raise ValueError("the composition has no query text; pass a non-empty query")
         if not self.use_chunks:
@@ -218,6 +562,8 @@ class PromptComposer:
         """Cut whole-prompt token ids into CONTEXT chunks (the ids are unchanged): at `cuts`
         (token counts where chat messages end) and after line ends once a piece is long
         enough. The last token always stays private."""
+        if not ids:
+            raise ValueError("the prompt has no tokens; pass non-empty text")
         if not self.use_chunks:
             return PreparedPrompt(chunks=(), tail_ids=tuple(ids))
         line_end = self._line_ends()
@@ -227,6 +573,6 @@ class PromptComposer:
         for i, tok in enumerate(ids[:-1]):
             n = i + 1 - start
             if (i + 1) in cuts or (n >= min_len and tok < len(line_end) and line_end[tok]):
-                chunks.append(self.registry.register(ids[start : i + 1], type=ChunkType.CONTEXT))
+                chunks.append(self.registry.chunk_for(ids[start : i + 1], ChunkType.CONTEXT))
                 start = i + 1
         return PreparedPrompt(chunks=tuple(chunks), tail_ids=tuple(ids[start:]))

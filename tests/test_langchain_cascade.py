@@ -325,6 +325,47 @@ def test_construction_errors(engine, default_model):
     assert chat._identifying_params["model_name"] == engine.model_name
 
 
+def test_unknown_constructor_arguments_raise_naming_them(engine, index):
+    with pytest.raises(TypeError, match=r"'max_token' \(did you mean 'max_tokens'\?\)"):
+        ChatCascadeRAG(engine=engine, max_token=5)
+    with pytest.raises(TypeError, match="'max_token'"):
+        ChatCascadeRAG(max_token=5)  # raised before an engine is built
+    for cls in (ChatCascadeRAG, CascadeRAGLLM):
+        with pytest.raises(TypeError, match="base_url=.*in this process.*OpenAI-compatible"):
+            cls(engine=engine, base_url="http://localhost:8000/v1")
+        with pytest.raises(TypeError, match="api_key="):
+            cls(engine=engine, api_key="sk-...")
+        # LangChain's standard params of server clients
+        with pytest.raises(TypeError, match="max_retries= and timeout=.*in this process"):
+            cls(engine=engine, timeout=60, max_retries=2, temperature=0, max_tokens=100, stop=[])
+        with pytest.raises(TypeError, match=r"engine_kwargs=\{'device'"):
+            cls(engine=engine, device="cuda")
+    with pytest.raises(TypeError, match=r"CascadeRAGRetriever .*'kk' \(did you mean 'k'\?\)"):
+        CascadeRAGRetriever(index=index, kk=2)
+    with pytest.raises(TypeError, match="base_url=.*in this process"):
+        CascadeRAGRetriever(index=index, base_url="http://localhost:6333")
+
+    # what LangChain itself passes or users set on any model still works
+    recorder = TokenRecorder()
+    chat = ChatCascadeRAG(
+        engine=engine,
+        max_tokens=3,
+        callbacks=[recorder],
+        tags=["t"],
+        metadata={"run": 1},
+        verbose=False,
+        cache=False,
+        name="chat",
+        rate_limiter=None,
+        disable_streaming=False,
+    )
+    assert chat.invoke("Hi").content and chat.tags == ["t"] and chat.name == "chat"
+    llm = CascadeRAGLLM(engine=engine, max_tokens=3, callbacks=[], tags=["t"], cache=False)
+    assert llm.invoke("Hi") is not None
+    retriever = CascadeRAGRetriever(index=index, k=1, tags=["r"], metadata={"a": 1})
+    assert len(retriever.invoke("Plum")) == 1
+
+
 def test_builds_its_own_engine_from_a_model(default_model):
     chat = ChatCascadeRAG(
         model=default_model, engine_kwargs={"kv_cache_tokens": 1024}, max_tokens=4

@@ -30,6 +30,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The test <Function:pytest.PytestWarning"),
 ]
 
+SERVER_CLIENT_PARAMS = ("timeout", "max_retries", "api_key")
 _SHARED: dict[str, object] = {}  # the module's engine and index, for the test classes' params
 
 PASSAGES = [
@@ -125,7 +126,15 @@ class _CascadeCapabilities:
 
 
 class TestChatCascadeRAGUnit(_CascadeCapabilities, ChatModelUnitTests):
-    pass
+    @property
+    def standard_chat_model_params(self) -> dict:
+        """LangChain's standard parameters without those of server clients (timeout,
+        max_retries, api_key): ChatCascadeRAG runs the engine in-process and rejects them by
+        name rather than ignoring them (tests/test_langchain_cascade.py checks the error)."""
+        params = dict(super().standard_chat_model_params)
+        for name in SERVER_CLIENT_PARAMS:
+            params.pop(name, None)
+        return params
 
 
 class TestChatCascadeRAGIntegration(_CascadeCapabilities, ChatModelIntegrationTests):

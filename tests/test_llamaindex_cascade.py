@@ -169,6 +169,37 @@ def test_bad_arguments_raise(llm, engine, default_model):
     assert llm.complete("Say hi.", max_tokens=2).text is not None  # still serving
 
 
+def test_unknown_constructor_arguments_raise_naming_them(llm, engine, retriever):
+    with pytest.raises(TypeError, match=r"'max_token' \(did you mean 'max_tokens'\?\)"):
+        CascadeRAG(engine, max_token=5)
+    with pytest.raises(TypeError, match="'max_token'"):
+        CascadeRAG(max_token=5)  # raised before an engine is built
+    with pytest.raises(TypeError, match="base_url=.*in this process.*OpenAILike"):
+        CascadeRAG(engine, base_url="http://localhost:8000/v1")
+    with pytest.raises(TypeError, match="api_key="):
+        CascadeRAG(engine, api_key="sk-...")
+    with pytest.raises(TypeError, match=r"engine_kwargs=\{'kv_cache_tokens'"):
+        CascadeRAG(engine, kv_cache_tokens=1024)
+    with pytest.raises(TypeError, match="messages_to_prompt.*chat template"):
+        CascadeRAG(engine, messages_to_prompt=lambda messages: "")
+    inner = retriever._retriever
+    with pytest.raises(TypeError, match="'k' .*from_index"):
+        CascadeRAGRetriever(inner, k=2)
+    with pytest.raises(TypeError, match=r"'verbos' \(did you mean 'verbose'\?\)"):
+        CascadeRAGRetriever(inner, verbos=True)
+    with pytest.raises(TypeError, match="base_url=.*in this process"):
+        CascadeRAGRetriever(inner, base_url="http://localhost:6333")
+
+    # the LlamaIndex LLM options a chat model uses are taken
+    from llama_index.core.types import PydanticProgramMode
+
+    with_options = CascadeRAG(
+        engine, max_tokens=2, pydantic_program_mode=PydanticProgramMode.LLM, output_parser=None
+    )
+    assert with_options.pydantic_program_mode is PydanticProgramMode.LLM
+    assert with_options.complete("Hi").text is not None
+
+
 def test_builds_and_closes_its_own_engine(default_model):
     own = CascadeRAG(
         model=default_model, engine_kwargs={"kv_cache_tokens": 512, "max_model_len": 256}

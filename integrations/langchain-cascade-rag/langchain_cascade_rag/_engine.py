@@ -12,18 +12,29 @@ from typing import Any
 
 from langchain_core.documents import Document
 from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from langchain_cascade_rag._arguments import reject_unknown
 
 # Per-call overrides accepted by invoke/stream/batch (`model.invoke(msgs, temperature=0.7)`).
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+
+SERVER_HINT = (
+    "Pick the model with model= (a path) or engine= (a CascadeEngine); to call a server that "
+    "speaks the OpenAI API, use an OpenAI-compatible client, e.g. "
+    "langchain_openai.ChatOpenAI(base_url=..., api_key=...)."
+)
 
 
 class CascadeEngineParams(BaseModel):
     """The engine a LangChain model runs on and its default sampling options.
 
     Pass `engine` to share one `CascadeEngine` (and its chunk cache) between several models;
-    otherwise one is built from `model` and `engine_kwargs`.
+    otherwise one is built from `model` and `engine_kwargs`. A constructor argument that is
+    not a field raises `TypeError` naming it (pydantic would ignore it).
     """
+
+    model_config = ConfigDict(extra="forbid")
 
     engine: Any = Field(default=None, exclude=True)
     """The `cascade_rag.llm.CascadeEngine` to run on; None builds one from `model`."""
@@ -57,6 +68,12 @@ class CascadeEngineParams(BaseModel):
 
     streaming: bool = False
     """Generate through the streaming path in `invoke`/`generate` (token callbacks fire)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_arguments(cls, values: Any) -> Any:
+        reject_unknown(cls, values, "runs the cascade-rag engine", SERVER_HINT)
+        return values
 
     @model_validator(mode="after")
     def _build_engine(self) -> CascadeEngineParams:

@@ -19,7 +19,15 @@ from langchain_core.callbacks import (
 )
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+
+from langchain_cascade_rag._arguments import reject_unknown
+
+SERVER_HINT = (
+    "Pass index= (e.g. a cascade_rag.retrieval.DocumentIndex) or retriever= (a "
+    "cascade_rag.retrieval.Retriever); to search a remote vector store, use that store's "
+    "LangChain retriever."
+)
 
 
 class CascadeRAGRetriever(BaseRetriever):
@@ -52,6 +60,8 @@ class CascadeRAGRetriever(BaseRetriever):
         ```
     """
 
+    model_config = ConfigDict(extra="forbid")
+
     index: Any = Field(default=None, exclude=True)
     engine: Any = Field(default=None, exclude=True)
     retriever: Any = Field(default=None, exclude=True)
@@ -59,6 +69,12 @@ class CascadeRAGRetriever(BaseRetriever):
     canonical_order: bool = True
 
     _retriever: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_arguments(cls, values: Any) -> Any:
+        reject_unknown(cls, values, "searches its index", SERVER_HINT)
+        return values
 
     @model_validator(mode="after")
     def _build_retriever(self) -> CascadeRAGRetriever:

@@ -12,6 +12,7 @@ documents (see `llama-index-retrievers-cascade-rag`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.types import BaseOutputParser, PydanticProgramMode
+from llama_index.llms.cascade_rag._arguments import unknown_arguments_error
 
 from cascade_rag.llm import CascadeEngine
 from cascade_rag.outputs import GenerationOutput
@@ -50,6 +53,13 @@ SAMPLING_KWARGS = (
     "ignore_eos",
     "include_stop_str_in_output",
 )
+# LlamaIndex `LLM` fields that turn messages into a raw-text prompt; a chat model never uses
+# them, so accepting them would ignore them.
+_PROMPT_FORMATTING_HINTS = {
+    name: "CascadeRAG renders prompts with the model's chat template; pass complete(prompt, "
+    "formatted=True) to send text as it is"
+    for name in ("messages_to_prompt", "completion_to_prompt", "query_wrapper_prompt")
+}
 # LlamaIndex roles the chat template does not know, as the role it does.
 _ROLE_ALIASES = {
     MessageRole.DEVELOPER: "system",
@@ -76,6 +86,10 @@ class CascadeRAG(CustomLLM):
         stop: stop strings; the reply is cut before the first one generated.
         system_prompt: prepended as a system message to `complete` prompts.
         callback_manager: LlamaIndex callbacks (e.g. `TokenCountingHandler`).
+        output_parser, pydantic_program_mode, rate_limiter: as for any LlamaIndex `LLM`.
+
+    Any other constructor argument raises `TypeError` naming it (server-client arguments such
+    as `base_url` or `api_key` included: this class runs the engine in-process).
 
     Every generation method also takes per-call sampling overrides as keyword arguments: the
     options above and `stop_token_ids`, `ignore_eos`, `include_stop_str_in_output` (the names
@@ -122,7 +136,22 @@ class CascadeRAG(CustomLLM):
         stop: Sequence[str] | None = None,
         system_prompt: str | None = None,
         callback_manager: CallbackManager | None = None,
+        output_parser: BaseOutputParser | None = None,
+        pydantic_program_mode: PydanticProgramMode = PydanticProgramMode.DEFAULT,
+        rate_limiter: Any | None = None,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            raise unknown_arguments_error(
+                "CascadeRAG",
+                unknown,
+                [name for name in inspect.signature(CascadeRAG.__init__).parameters][1:-1],
+                "runs the cascade-rag engine",
+                "Pick the model with model= (a path) or pass a CascadeEngine; to call a server "
+                "that speaks the OpenAI API, use an OpenAI-compatible LLM, e.g. "
+                "llama_index.llms.openai_like.OpenAILike(api_base=..., api_key=...).",
+                _PROMPT_FORMATTING_HINTS,
+            )
         if engine is not None:
             if not isinstance(engine, CascadeEngine):
                 raise TypeError(
@@ -145,6 +174,9 @@ class CascadeRAG(CustomLLM):
             stop=list(stop or []),
             system_prompt=system_prompt,
             callback_manager=callback_manager or CallbackManager([]),
+            output_parser=output_parser,
+            pydantic_program_mode=pydantic_program_mode,
+            rate_limiter=rate_limiter,
         )
         self._sampling({})  # SamplingParams checks the options before an engine is built
         if engine is None:

@@ -16,8 +16,15 @@ from typing import Any, Protocol
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+from llama_index.retrievers.cascade_rag._arguments import unknown_arguments_error
 
 from cascade_rag.chunks import Chunk
+
+_FACTORY_HINTS = {
+    name: "an argument of CascadeRAGRetriever.from_index / from_folder, or of the "
+    "cascade_rag.retrieval.Retriever passed in"
+    for name in ("k", "canonical_order", "index", "engine")
+}
 
 
 class ChunkRetriever(Protocol):
@@ -38,6 +45,8 @@ class CascadeRAGRetriever(BaseRetriever):
         callback_manager: LlamaIndex callbacks.
         verbose: print retrieval steps.
 
+    Any other constructor argument raises `TypeError` naming it.
+
     Each node's id is the chunk id and its metadata is the chunk's metadata with "source" and
     "chunk_id"; the score moves to `NodeWithScore.score`. The metadata is hidden from the LLM
     and embedders (`excluded_*_metadata_keys`): the text that reaches a prompt is the passage
@@ -57,7 +66,18 @@ class CascadeRAGRetriever(BaseRetriever):
         retriever: ChunkRetriever,
         callback_manager: CallbackManager | None = None,
         verbose: bool = False,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            raise unknown_arguments_error(
+                "CascadeRAGRetriever",
+                unknown,
+                ["retriever", "callback_manager", "verbose"],
+                "searches its cascade-rag index",
+                "Build it with CascadeRAGRetriever.from_index(index, engine) or from_folder(...); "
+                "to search a remote vector store, use that store's LlamaIndex retriever.",
+                _FACTORY_HINTS,
+            )
         if not callable(getattr(retriever, "retrieve", None)):
             raise TypeError(
                 "retriever must have retrieve(query) -> list[Chunk], got "

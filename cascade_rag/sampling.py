@@ -1,50 +1,105 @@
 """Per-request sampling options and the batched next-token sampler.
 
-`SamplingParams` holds what one request asks for (length, temperature, top-k/top-p, seed,
-stop conditions). `Sampler.sample` turns one step's last-position logits into one token per
-row: greedy rows take `torch.argmax` (first index on ties, as transformers' greedy search
-does); the other rows are temperature-scaled, filtered by top-k then top-p, and drawn with
-the exponential race `argmax(probs / q)`, `q ~ Exp(1)`, which is an exact categorical draw.
-A row with its own `torch.Generator` draws its noise only from that generator, so a seeded
-request reproduces the same tokens whatever else shares its batch.
+`SamplingParams` holds what one request asks for (length, temperature, top-k/top-p/min-p,
+penalties, seed, stop conditions, log-probabilities) and checks every field when it is built.
+`Sampler.sample_step` turns one step's last-position logits into one token per row, in this
+order per row:
 
-This module does not apply repetition penalties or logit biases, does not return
-log-probabilities, and does not detect stop strings or stop tokens (see
-`engine/detokenizer.py` and the scheduler for those).
+1. penalties on the logits: repetition (prompt and output tokens), then frequency and
+   presence (output tokens only); while fewer than `min_tokens` tokens were generated, EOS and
+   `stop_token_ids` are masked to -inf;
+2. greedy rows (temperature < `SAMPLING_EPS`) take `torch.argmax` (first index on ties, as
+   transformers' greedy search does), so penalties apply to greedy rows too;
+3. sampled rows are divided by their temperature, filtered by top-k, top-p, then min-p, and
+   drawn with the exponential race `argmax(probs / q)`, `q ~ Exp(1)`, which is an exact
+   categorical draw. A row with its own `torch.Generator` draws its noise only from that
+   generator, so a seeded request reproduces the same tokens whatever else shares its batch.
+
+Log-probabilities (`SamplingParams.logprobs`) are `log_softmax` of the model's raw logits,
+before penalties, temperature and filters (vLLM's default), with the sampled token's rank.
+
+This module does not detect stop strings or end requests at stop tokens (the engine and
+`engine/detokenizer.py` do), does not apply logit biases or grammars, and does not return
+prompt log-probabilities. It keeps no state between steps: the caller passes each row's
+generator and token history every step.
 """
 
 from __future__ import annotations
 
+import decimal
+import itertools
 import math
-from collections.abc import Sequence
+import numbers
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+SAMPLING_EPS = 1e-5
+"""Temperatures below this are greedy: dividing logits by them would overflow or round every
+probability but one to zero, so argmax is what such a temperature means (vLLM uses the same
+threshold)."""
+
+MAX_LOGPROBS = 20
+"""Most alternatives `SamplingParams.logprobs` may ask for per generated token."""
+
+_MAX_SEED = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling options of one request.
+    """Sampling options of one request, validated when built.
+
+    Integer fields accept Python and numpy integers (stored as `int`); float fields accept any
+    real number (`int`, `float`, numpy floats, `Fraction`, `Decimal`; stored as `float`).
+    Booleans are not numbers here and strings are not parsed: a bad value raises a `TypeError`
+    (wrong type) or `ValueError` (out of range) that names the field and the allowed values.
 
     Attributes:
         max_tokens: Most tokens to generate (>= 1).
-        temperature: Softmax temperature; 0 means greedy (argmax), > 0 samples.
-        top_k: Keep only the `top_k` most likely tokens before sampling; 0 turns it off.
-        top_p: Nucleus sampling: keep the smallest set of most likely tokens whose total
-            probability is >= `top_p` (the most likely token is always kept); 1.0 turns it off.
-            Applied after temperature and top-k.
-        seed: Seed of this request's own generator; None draws from torch's global RNG.
+        temperature: Softmax temperature (>= 0). Below `SAMPLING_EPS` (1e-5), including 0,
+            decoding is greedy (argmax); above, tokens are sampled.
+        top_k: Keep only the `top_k` most likely tokens before sampling (>= 1); 0 or -1 turn
+            it off (stored as 0).
+        top_p: Nucleus sampling, in (0, 1]: keep the smallest set of most likely tokens whose
+            total probability is >= `top_p` (the most likely token is always kept); 1.0 turns
+            it off. Applied after temperature and top-k.
+        seed: Seed of this request's own generator, an int in [0, 2**64); None draws from
+            torch's global RNG.
         stop: Stop strings. Generation ends when one appears in the generated text, which is
-            cut before it (see `include_stop_str_in_output`). A single string or a list is
-            accepted and stored as a tuple.
-        stop_token_ids: Token ids that end generation (besides EOS unless `ignore_eos`).
+            cut before it (see `include_stop_str_in_output`). A single string or a sequence of
+            non-empty strings; stored as a tuple.
+        stop_token_ids: Token ids (ints >= 0) that end generation (besides EOS unless
+            `ignore_eos`); stored as a tuple. `check_vocab` checks them against a vocabulary.
         ignore_eos: Keep generating past the end-of-sequence token.
         include_stop_str_in_output: Keep the matched stop string at the end of the output.
+        repetition_penalty: > 0, 1.0 is off. Every token that occurs in the prompt or the
+            output so far has its logit divided by it when positive and multiplied by it when
+            negative (transformers' `RepetitionPenaltyLogitsProcessor`, vLLM's semantics);
+            > 1 discourages repeats.
+        presence_penalty: In [-2, 2], 0 is off. Subtracted once from the logit of every token
+            that occurs in the output so far (not the prompt); > 0 encourages new tokens.
+        frequency_penalty: In [-2, 2], 0 is off. Subtracted from the logit of every output
+            token once per occurrence so far: `logit -= frequency_penalty * count +
+            presence_penalty * (count > 0)`.
+        min_p: In [0, 1], 0 is off. After temperature, drop tokens whose probability is below
+            `min_p` times the most likely token's probability.
+        min_tokens: Tokens to generate before EOS or a `stop_token_ids` token may be sampled
+            (>= 0, <= `max_tokens`): until then their logits are -inf (EOS only unless
+            `ignore_eos`), and the engine does not check stop strings.
+        logprobs: None, or the number of alternatives in [0, 20] to return per generated
+            token: the sampled token's log-probability and rank (1 = most likely) plus the
+            `logprobs` most likely tokens with theirs. Log-probabilities are `log_softmax` of
+            the model's raw logits, before penalties, temperature and filters.
 
     Example:
         >>> params = SamplingParams(max_tokens=64, temperature=0.7, top_p=0.9, stop="\\n\\n")
         >>> params.stop, params.is_greedy
         (('\\n\\n',), False)
+        >>> SamplingParams(temperature=1e-9).is_greedy
+        True
     """
 
     max_tokens: int = 256
@@ -56,54 +111,185 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        stop = self.stop
-        if isinstance(stop, str):
-            stop = (stop,)
-        elif not isinstance(stop, Sequence):
-            raise ValueError(
-                f"stop={stop!r} is not a string or a sequence of strings; pass e.g. "
-                "stop=('\\n\\n',) or stop='</answer>'"
-            )
-        stop = tuple(stop)
-        for s in stop:
-            if not isinstance(s, str):
-                raise ValueError(
-                    f"stop string {s!r} is a {type(s).__name__}, not a str; pass stop strings "
-                    "as text, and token ids as stop_token_ids"
-                )
-            if not s:
-                raise ValueError(
-                    f"stop={stop!r} contains an empty string, which would match at once; remove it"
-                )
-        object.__setattr__(self, "stop", stop)
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
 
-        if self.max_tokens <= 0:
-            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
+        put("max_tokens", _check_int("max_tokens", self.max_tokens, low=1))
+        put("temperature", _check_float("temperature", self.temperature, low=0.0))
+        top_k = _check_int("top_k", self.top_k)
+        if top_k < -1:
             raise ValueError(
-                f"temperature={self.temperature} must be a finite number >= 0 "
-                "(0 for greedy decoding)"
+                f"top_k={top_k} must be >= 1 to keep the top_k most likely tokens, or 0 or -1 "
+                "to turn top-k off"
             )
-        if not 0.0 < self.top_p <= 1.0:
+        put("top_k", max(top_k, 0))
+        put("top_p", _check_float("top_p", self.top_p, low=0.0, high=1.0, open_low=True))
+        if self.seed is not None:
+            put("seed", _check_int("seed", self.seed, low=0, high=_MAX_SEED - 1))
+        put("stop", _check_stop(self.stop))
+        put("stop_token_ids", _check_token_ids("stop_token_ids", self.stop_token_ids))
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}={value!r} is a {type(value).__name__}; pass True or False")
+        put(
+            "repetition_penalty",
+            _check_float("repetition_penalty", self.repetition_penalty, low=0.0, open_low=True),
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            put(name, _check_float(name, getattr(self, name), low=-2.0, high=2.0))
+        put("min_p", _check_float("min_p", self.min_p, low=0.0, high=1.0))
+        put("min_tokens", _check_int("min_tokens", self.min_tokens, low=0))
+        if self.min_tokens > self.max_tokens:
             raise ValueError(
-                f"top_p={self.top_p} must be in (0, 1]; use 1.0 to turn nucleus sampling off"
+                f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}; lower "
+                "min_tokens or raise max_tokens"
             )
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0; use 0 to turn top-k off")
+        if self.logprobs is not None:
+            put("logprobs", _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS))
+        # Derived flags read by the sampler every step (not fields: not compared or repr'd).
+        put(
+            "_penalised",
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0,
+        )
+        put(
+            "_plain_greedy",
+            self.is_greedy
+            and not self._penalised
+            and not self.min_tokens
+            and self.logprobs is None,
+        )
 
     @property
     def is_greedy(self) -> bool:
-        """Whether this request decodes greedily (temperature 0)."""
-        return self.temperature == 0.0
+        """Whether this request decodes greedily (temperature below `SAMPLING_EPS`)."""
+        return self.temperature < SAMPLING_EPS
+
+    @property
+    def needs_token_history(self) -> bool:
+        """Whether `Sampler.sample_step` reads this request's prompt and output tokens.
+
+        True with any penalty (which reads the ids) or `min_tokens` (which reads the output's
+        length); other requests may pass empty histories.
+        """
+        return self._penalised or self.min_tokens > 0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise `ValueError` if a `stop_token_ids` entry is not below `vocab_size`.
+
+        Example:
+            >>> SamplingParams(stop_token_ids=[7]).check_vocab(8)
+            >>> SamplingParams(stop_token_ids=[8]).check_vocab(8)
+            Traceback (most recent call last):
+              ...
+            ValueError: stop_token_ids contains 8, outside the vocabulary of 8 tokens (ids 0..7)
+        """
+        vocab_size = _check_int("vocab_size", vocab_size, low=1)
+        for token_id in self.stop_token_ids:
+            if token_id >= vocab_size:
+                raise ValueError(
+                    f"stop_token_ids contains {token_id}, outside the vocabulary of {vocab_size} "
+                    f"tokens (ids 0..{vocab_size - 1})"
+                )
+
+
+def _check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> int:
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        value = operator.index(value)  # int, numpy integers, integer 0-dim tensors
+    except TypeError:
+        raise TypeError(
+            f"{name}={value!r} is a {type(value).__name__}, not an int; pass a whole number"
+            + (f" >= {low}" if low is not None else "")
+        ) from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}={value} must be an int {allowed}")
+    return value
+
+
+def _check_float(
+    name: str, value: object, low: float, high: float | None = None, open_low: bool = False
+) -> float:
+    allowed = f"{'(' if open_low else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (numbers.Real, decimal.Decimal)
+    ):
+        raise TypeError(
+            f"{name}={value!r} is a {type(value).__name__}, not a real number; pass a number "
+            f"in {allowed}"
+        )
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):  # 10**400, Decimal('sNaN')
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{name}={value} must be a finite number in {allowed}")
+    if number < low or (open_low and number == low) or (high is not None and number > high):
+        raise ValueError(f"{name}={value} must be in {allowed}")
+    return number
+
+
+def _check_stop(stop: object) -> tuple[str, ...]:
+    if isinstance(stop, str):
+        return (stop,)
+    if not isinstance(stop, Sequence):
+        raise TypeError(
+            f"stop={stop!r} is not a string or a sequence of strings; pass e.g. "
+            "stop=('\\n\\n',) or stop='</answer>'"
+        )
+    stop = tuple(stop)
+    for s in stop:
+        if not isinstance(s, str):
+            raise TypeError(
+                f"stop string {s!r} is a {type(s).__name__}, not a str; pass stop strings "
+                "as text, and token ids as stop_token_ids"
+            )
+        if not s:
+            raise ValueError(
+                f"stop={stop!r} contains an empty string, which would match at once; remove it"
+            )
+    return stop
+
+
+def _check_token_ids(name: str, ids: object) -> tuple[int, ...]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(
+            f"{name}={ids!r} is not a sequence of token ids; pass e.g. {name}=[2] "
+            "(stop strings go in stop)"
+        )
+    out = []
+    for token_id in ids:
+        try:
+            if isinstance(token_id, (bool, np.bool_)):
+                raise TypeError
+            token_id = operator.index(token_id)
+        except TypeError:
+            raise TypeError(
+                f"{name} contains {token_id!r}, a {type(token_id).__name__}; token ids are "
+                "ints >= 0"
+            ) from None
+        if token_id < 0:
+            raise ValueError(f"{name} contains {token_id}; token ids are ints >= 0")
+        out.append(token_id)
+    return tuple(out)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
     """Return a `torch.Generator` on `device` seeded with `seed`, or None when `seed` is None.
 
-    The generator must live on the device of the logits passed to `Sampler.sample`.
+    The generator must live on the device of the logits passed to the sampler.
 
     Example:
         >>> g = make_generator(1234)
@@ -117,20 +303,56 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return generator
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probabilities of one generated token (from the model's raw logits).
+
+    Attributes:
+        token_id: The sampled token.
+        logprob: Its log-probability.
+        rank: 1 + the number of tokens strictly more likely than it (1 = most likely).
+        top: `(token_id, logprob)` of the `params.logprobs` most likely tokens (fewer if the
+            vocabulary is smaller), most likely first, lower id first on ties.
+    """
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass
+class SamplerOutput:
+    """One step's result: a token per row, and its log-probabilities where asked for."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
 class Sampler:
     """Picks one next token per row from a step's logits.
 
-    Stateless: per-request randomness lives in the generators the caller passes in (one per
-    request, created once with `make_generator(params.seed)` and kept for its lifetime).
+    Stateless between steps: per-request randomness lives in the generators the caller passes
+    in (one per request, created once with `make_generator(params.seed, device)` and kept for
+    its lifetime), and token histories are passed every step.
+
+    Args:
+        eos_token_ids: The model's end-of-sequence ids, masked while a row has generated fewer
+            than `min_tokens` tokens (unless it sets `ignore_eos`).
     """
 
-    def sample(
+    def __init__(self, eos_token_ids: Iterable[int] = ()) -> None:
+        self.eos_token_ids = tuple(sorted(set(_check_token_ids("eos_token_ids", eos_token_ids))))
+
+    def sample_step(
         self,
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
-    ) -> torch.Tensor:
-        """Sample one token per row.
+        prompt_ids: Sequence[Sequence[int]],
+        output_ids: Sequence[Sequence[int]],
+    ) -> SamplerOutput:
+        """Sample one token per row, applying every option of each row's params.
 
         Args:
             logits: [batch, vocab] float logits of the last position of each request.
@@ -138,6 +360,63 @@ class Sampler:
             generators: `batch` generators (on `logits.device`) or None, one per row. A row
                 with a generator draws only from it, so its tokens do not depend on the other
                 rows; a row with None draws from torch's global RNG. Greedy rows draw nothing.
+            prompt_ids: `batch` prompt token id sequences. Read only for rows with
+                `repetition_penalty != 1`, so other rows may pass `()`.
+            output_ids: `batch` sequences of the tokens generated so far. Read only for rows
+                whose `params.needs_token_history` (penalties read the ids, `min_tokens` only
+                the length), so other rows may pass `()`.
+
+        Returns:
+            A `SamplerOutput`: one token id per row, and a `TokenLogprob` per row whose
+            `params.logprobs` is not None (None elsewhere).
+
+        Cost: a batch of greedy rows without penalties, `min_tokens` or logprobs is one argmax
+        and one `.tolist()`. Penalised rows cost O(their prompt and output lengths) on the
+        host per step to gather the ids. All tensor work stays on `logits.device`; the final
+        `.tolist()` is the only wait for the device.
+
+        Example:
+            >>> logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+            >>> out = Sampler().sample_step(
+            ...     logits,
+            ...     [SamplingParams(repetition_penalty=4.0), SamplingParams(logprobs=1)],
+            ...     [None, None],
+            ...     prompt_ids=[[1], ()],
+            ...     output_ids=[(), ()],
+            ... )
+            >>> out.token_ids, out.logprobs[0], out.logprobs[1].rank
+            ([2, 0], None, 1)
+        """
+        _check_batch(logits, params, generators)
+        batch = logits.shape[0]
+        if len(prompt_ids) != batch or len(output_ids) != batch:
+            raise ValueError(
+                f"got {len(prompt_ids)} prompt_ids and {len(output_ids)} output_ids for {batch} "
+                "rows; pass one of each per row of logits (() for rows that need no history)"
+            )
+        if all(p._plain_greedy for p in params):
+            return SamplerOutput(torch.argmax(logits, dim=-1).tolist(), [None] * batch)
+        next_ids = self._next_ids(logits, params, generators, prompt_ids, output_ids)
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not logprob_rows:
+            return SamplerOutput(next_ids.tolist(), [None] * batch)
+        return _with_logprobs(logits, next_ids, params, logprob_rows)
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> torch.Tensor:
+        """Sample one token per row, without token history (no penalties, no `min_tokens`).
+
+        Same draws as `sample_step` (`logprobs` are not computed). Rows that need a token
+        history raise `ValueError`: use `sample_step` for them.
+
+        Args:
+            logits: [batch, vocab] float logits of the last position of each request.
+            params: `batch` sampling parameters, one per row.
+            generators: `batch` generators (on `logits.device`) or None, one per row.
 
         Returns:
             [batch] int64 token ids on `logits.device`.
@@ -147,62 +426,222 @@ class Sampler:
             >>> Sampler().sample(logits, [SamplingParams()] * 2, [None, None]).tolist()
             [1, 0]
         """
-        if logits.dim() != 2:
-            raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+        _check_batch(logits, params, generators)
+        for i, p in enumerate(params):
+            if p.needs_token_history:
+                raise ValueError(
+                    f"row {i} uses penalties or min_tokens, which need the token history; "
+                    "call Sampler.sample_step with prompt_ids and output_ids"
+                )
+        return self._next_ids(logits, params, generators, (), ())
+
+    def _next_ids(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        prompt_ids: Sequence[Sequence[int]],
+        output_ids: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """[batch] int64 next token ids on `logits.device` (no host sync)."""
         batch, vocab = logits.shape
-        if len(params) != batch or len(generators) != batch:
+        device = logits.device
+        # Greedy for every row (cheap); rows whose logits change or that sample are redone.
+        next_ids = torch.argmax(logits, dim=-1)
+
+        # Rows redone ("sub" rows) and, by position among them, what each one needs.
+        sub_rows: list[int] = []
+        sampled: list[int] = []
+        penalised: list[int] = []
+        masked_pos: list[int] = []  # one entry per masked id
+        masked_ids: list[int] = []
+        for i, p in enumerate(params):
+            mask = ()
+            if p.min_tokens and len(output_ids[i]) < p.min_tokens:
+                mask = p.stop_token_ids if p.ignore_eos else p.stop_token_ids + self.eos_token_ids
+            if p.is_greedy and not p._penalised and not mask:
+                continue
+            pos = len(sub_rows)
+            sub_rows.append(i)
+            if not p.is_greedy:
+                sampled.append(pos)
+            if p._penalised:
+                penalised.append(pos)
+            if mask:
+                masked_pos.extend([pos] * len(mask))
+                masked_ids.extend(mask)
+        if not sub_rows:
+            return next_ids
+        if masked_ids and max(masked_ids) >= vocab:
+            bad = max(masked_ids)
             raise ValueError(
-                f"got {len(params)} params and {len(generators)} generators for {batch} rows; "
-                "pass one of each per row of logits"
+                f"stop or EOS token id {bad} is outside the vocabulary of {vocab} tokens; "
+                "check SamplingParams.stop_token_ids with check_vocab and the sampler's "
+                "eos_token_ids"
             )
 
-        # Greedy for every row (cheap); sampled rows are overwritten below.
-        next_ids = torch.argmax(logits, dim=-1)
-        rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        if not rows:
-            return next_ids
+        # Everything this step needs from the host, in one int64 and one float32 copy.
+        ints, floats = _HostPack(np.int64), _HostPack(np.float32)
+        i_rows = ints.add(sub_rows)
+        if penalised:
+            pen_params = [params[sub_rows[j]] for j in penalised]
+            out_seqs = [output_ids[sub_rows[j]] for j in penalised]
+            prompt_seqs = [
+                prompt_ids[sub_rows[j]] if p.repetition_penalty != 1.0 else ()
+                for j, p in zip(penalised, pen_params)
+            ]
+            i_pen = ints.add(penalised)
+            i_out_lens = ints.add([len(s) for s in out_seqs])
+            i_out = ints.add(itertools.chain.from_iterable(out_seqs))
+            i_prompt_lens = ints.add([len(s) for s in prompt_seqs])
+            i_prompt = ints.add(itertools.chain.from_iterable(prompt_seqs))
+            f_rep = floats.add([p.repetition_penalty for p in pen_params])
+            f_freq = floats.add([p.frequency_penalty for p in pen_params])
+            f_pres = floats.add([p.presence_penalty for p in pen_params])
+        if masked_ids:
+            i_mask_pos, i_mask_ids = ints.add(masked_pos), ints.add(masked_ids)
+        if sampled:
+            s_params = [params[sub_rows[j]] for j in sampled]
+            i_sampled = ints.add(sampled)
+            i_top_k = ints.add([p.top_k if 0 < p.top_k < vocab else vocab for p in s_params])
+            s_generators = [generators[sub_rows[j]] for j in sampled]
+            unseeded = [j for j, g in enumerate(s_generators) if g is None]
+            i_unseeded = ints.add(unseeded)
+            f_temp = floats.add([p.temperature for p in s_params])
+            # top_p 1.0 keeps every token (a rounded cumulative sum could reach 1 early).
+            f_top_p = floats.add([p.top_p if p.top_p < 1.0 else 2.0 for p in s_params])
+            f_min_p = floats.add([p.min_p for p in s_params])
+        if penalised:
+            host = ints.freeze()
+            token_ids = np.concatenate([host[i_out], host[i_prompt]])
+            if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocab):
+                raise ValueError(
+                    f"a penalised row's prompt_ids/output_ids hold token id {token_ids.max()} "
+                    f"or {token_ids.min()}, outside the vocabulary of {vocab} tokens"
+                )
+        int_t, float_t = ints.to(device), floats.to(device)
 
-        device = logits.device
-        row_index = torch.tensor(rows, device=device)
-        row_logits = logits[row_index].float()  # [num_rows, vocab]
-        temperature = torch.tensor(
-            [params[i].temperature for i in rows], dtype=torch.float32, device=device
-        )
-        top_k = [params[i].top_k for i in rows]
-        top_p = [params[i].top_p for i in rows]
-        probs = _filtered_probs(row_logits, temperature, top_k, top_p)
-
-        # Exponential race: argmax(p / q) with q ~ Exp(1) picks token i with probability p_i.
-        q = torch.empty_like(probs)
-        unseeded = []
-        for j, i in enumerate(rows):
-            generator = generators[i]
-            if generator is None:
-                unseeded.append(j)
+        # x: [num_sub_rows, vocab] float32, this step's logits of the redone rows.
+        x = logits[int_t[i_rows]].float()
+        if penalised:
+            pen = int_t[i_pen]
+            num_pen = len(penalised)
+            xp = x[pen] if num_pen < len(sub_rows) else x
+            # counts: [num_pen, vocab], occurrences of each token in each row's output
+            counts = torch.zeros(num_pen * vocab, dtype=torch.float32, device=device)
+            row_base = torch.arange(num_pen, device=device) * vocab
+            out_flat = int_t[i_out] + torch.repeat_interleave(
+                row_base, int_t[i_out_lens], output_size=i_out.stop - i_out.start
+            )
+            counts.index_put_((out_flat,), torch.ones((), device=device), accumulate=True)
+            counts = counts.view(num_pen, vocab)
+            if any(p.repetition_penalty != 1.0 for p in pen_params):
+                seen = (counts > 0).view(-1)
+                prompt_flat = int_t[i_prompt] + torch.repeat_interleave(
+                    row_base, int_t[i_prompt_lens], output_size=i_prompt.stop - i_prompt.start
+                )
+                seen[prompt_flat] = True
+                rep = float_t[f_rep][:, None]
+                repeated = torch.where(xp > 0, xp / rep, xp * rep)
+                xp = torch.where(seen.view(num_pen, vocab), repeated, xp)
+            if any(p.frequency_penalty or p.presence_penalty for p in pen_params):
+                xp = xp - (
+                    float_t[f_freq][:, None] * counts
+                    + float_t[f_pres][:, None] * (counts > 0).float()
+                )
+            if num_pen < len(sub_rows):
+                x[pen] = xp
             else:
-                q[j].exponential_(generator=generator)
-        if unseeded:
-            q[torch.tensor(unseeded, device=device)] = torch.empty(
-                len(unseeded), vocab, dtype=probs.dtype, device=device
-            ).exponential_()
-        # q == 0 would turn a filtered-out token (p == 0) into 0/0 = nan, which argmax picks.
-        q.clamp_(min=torch.finfo(q.dtype).tiny)
-        next_ids[row_index] = torch.argmax(probs / q, dim=-1)
+                x = xp
+        if masked_ids:
+            x[int_t[i_mask_pos], int_t[i_mask_ids]] = -math.inf
+        picked = torch.argmax(x, dim=-1)
+
+        if sampled:
+            s_idx = int_t[i_sampled]
+            xs = x[s_idx] if len(sampled) < len(sub_rows) else x
+            probs = _filtered_probs(
+                xs,
+                float_t[f_temp],
+                int_t[i_top_k] if any(0 < p.top_k < vocab for p in s_params) else None,
+                float_t[f_top_p] if any(p.top_p < 1.0 for p in s_params) else None,
+            )
+            if any(p.min_p > 0.0 for p in s_params):
+                # min-p: the ratio to the top probability survives renormalisation, so it can
+                # be tested on the top-k/top-p filtered probabilities.
+                threshold = float_t[f_min_p][:, None] * probs.amax(dim=-1, keepdim=True)
+                probs = probs.masked_fill(probs < threshold, 0.0)
+            picked[s_idx] = _exponential_race(
+                probs,
+                s_generators,
+                int_t[i_unseeded] if unseeded else None,
+            )
+        next_ids[int_t[i_rows]] = picked
         return next_ids
 
 
+class _HostPack:
+    """Per-step values gathered on the host, moved to the device in one copy."""
+
+    def __init__(self, dtype: type) -> None:
+        self._parts: list[Iterable] = []
+        self._dtype = dtype
+        self._size = 0
+        self.host: np.ndarray | None = None
+
+    def add(self, values: Iterable) -> slice:
+        if not isinstance(values, Sequence):
+            values = list(values)
+        start = self._size
+        self._parts.append(values)
+        self._size += len(values)
+        self.host = None
+        return slice(start, self._size)
+
+    def freeze(self) -> np.ndarray:
+        if self.host is None:
+            self.host = np.fromiter(
+                itertools.chain.from_iterable(self._parts), dtype=self._dtype, count=self._size
+            )
+        return self.host
+
+    def to(self, device: torch.device) -> torch.Tensor:
+        tensor = torch.from_numpy(self.freeze())
+        if device.type == "cuda":  # pinned + non_blocking: no wait for the queued forward pass
+            return tensor.pin_memory().to(device, non_blocking=True)
+        return tensor.to(device)
+
+
+def _check_batch(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    batch = logits.shape[0]
+    if len(params) != batch or len(generators) != batch:
+        raise ValueError(
+            f"got {len(params)} params and {len(generators)} generators for {batch} rows; "
+            "pass one of each per row of logits"
+        )
+
+
 def _filtered_probs(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: list[int], top_p: list[float]
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
 ) -> torch.Tensor:
     """Probabilities after temperature, top-k and top-p; filtered tokens get exactly 0.
 
-    logits: [rows, vocab] float32; temperature: [rows] > 0; top_k/top_p: per row.
+    logits: [rows, vocab] float32; temperature: [rows] >= SAMPLING_EPS; top_k: [rows] in
+    [1, vocab] (vocab = off) or None when no row uses it; top_p: [rows] in (0, 1] or 2.0 (off),
+    or None when no row uses it.
     """
     rows, vocab = logits.shape
     scaled = logits / temperature[:, None]
-    use_top_k = any(0 < k < vocab for k in top_k)
-    use_top_p = any(p < 1.0 for p in top_p)
-    if not (use_top_k or use_top_p):
+    if top_k is None and top_p is None:
         return torch.softmax(scaled, dim=-1)
 
     # Sort the unscaled logits so rank 0 is exactly torch.argmax (stable: first index on ties);
@@ -210,14 +649,91 @@ def _filtered_probs(
     _, order = torch.sort(logits, dim=-1, descending=True, stable=True)
     sorted_scaled = torch.gather(scaled, -1, order)  # [rows, vocab], non-increasing
     ranks = torch.arange(vocab, device=logits.device)
-    k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=logits.device)
-    remove = ranks[None, :] >= k[:, None]
-    if use_top_p:
+    if top_k is not None:
+        remove = ranks[None, :] >= top_k[:, None]
+    else:
+        remove = torch.zeros(rows, vocab, dtype=torch.bool, device=logits.device)
+    if top_p is not None:
         probs = torch.softmax(sorted_scaled.masked_fill(remove, -math.inf), dim=-1)
-        # Keep rank r while the probability of ranks < r is below top_p; 1.0 rows keep all
-        # (a rounded cumulative sum could otherwise reach 1 before the tail).
-        p = torch.tensor([p if p < 1.0 else 2.0 for p in top_p], device=logits.device)
-        remove |= (torch.cumsum(probs, dim=-1) - probs) >= p[:, None]
+        # Keep rank r while the probability of ranks < r is below top_p.
+        remove |= (torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None]
     remove[:, 0] = False
     remove = torch.zeros_like(remove).scatter_(-1, order, remove)
     return torch.softmax(scaled.masked_fill(remove, -math.inf), dim=-1)
+
+
+def _exponential_race(
+    probs: torch.Tensor,
+    generators: Sequence[torch.Generator | None],
+    unseeded: torch.Tensor | None,
+) -> torch.Tensor:
+    """[rows] draws `argmax(probs / q)`, `q ~ Exp(1)`: token i with probability ∝ probs[i].
+
+    probs: [rows, vocab] >= 0 (need not sum to 1). Row j draws its [vocab] noise from
+    `generators[j]`; the rows listed in `unseeded` (None generators) draw one block from the
+    global RNG.
+    """
+    q = torch.empty_like(probs)
+    for j, generator in enumerate(generators):
+        if generator is not None:
+            q[j].exponential_(generator=generator)
+    if unseeded is not None:
+        q[unseeded] = torch.empty(
+            unseeded.shape[0], probs.shape[1], dtype=probs.dtype, device=probs.device
+        ).exponential_()
+    # q == 0 would turn a filtered-out token (p == 0) into 0/0 = nan, which argmax picks.
+    q.clamp_(min=torch.finfo(q.dtype).tiny)
+    return torch.argmax(probs / q, dim=-1)
+
+
+def _with_logprobs(
+    logits: torch.Tensor,
+    next_ids: torch.Tensor,
+    params: Sequence[SamplingParams],
+    rows: list[int],
+) -> SamplerOutput:
+    """Token ids plus `TokenLogprob`s for `rows`, fetched in one copy to the host."""
+    batch, vocab = logits.shape
+    device = logits.device
+    num_top = min(max(params[i].logprobs for i in rows), vocab)
+    pack = _HostPack(np.int64)
+    pack.add(rows)
+    index = pack.to(device)
+    logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # [rows, vocab]
+    token = next_ids[index]
+    token_logprob = logprobs.gather(-1, token[:, None])  # [rows, 1]
+    rank = (logprobs > token_logprob).sum(dim=-1) + 1
+    parts = [next_ids.double(), token_logprob[:, 0].double(), rank.double()]
+    if num_top:
+        top_ids = _top_ids(logprobs, num_top)  # [rows, num_top]
+        parts += [top_ids.double().flatten(), logprobs.gather(-1, top_ids).double().flatten()]
+    host = torch.cat(parts).tolist()  # float64 holds ids, ranks and float32 values exactly
+
+    token_ids = [int(t) for t in host[:batch]]
+    n = len(rows)
+    token_lps, ranks = host[batch : batch + n], host[batch + n : batch + 2 * n]
+    top_ids_host = host[batch + 2 * n : batch + 2 * n + n * num_top]
+    top_lps_host = host[batch + 2 * n + n * num_top :]
+    out: list[TokenLogprob | None] = [None] * batch
+    for j, i in enumerate(rows):
+        k = min(params[i].logprobs, vocab)
+        base = j * num_top
+        out[i] = TokenLogprob(
+            token_id=token_ids[i],
+            logprob=token_lps[j],
+            rank=int(ranks[j]),
+            top=tuple((int(top_ids_host[base + r]), top_lps_host[base + r]) for r in range(k)),
+        )
+    return SamplerOutput(token_ids, out)
+
+
+def _top_ids(values: torch.Tensor, k: int) -> torch.Tensor:
+    """[rows, k] ids of the k largest float32 `values` per row, larger first, lower id on ties.
+
+    `torch.topk` leaves the order of ties unspecified, so rank a unique int64 key instead: the
+    float's bits mapped to an order-preserving int32, shifted up, minus the column index.
+    """
+    bits = (values + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0 (they tie)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    columns = torch.arange(values.shape[-1], device=values.device)
+    return torch.topk((ordered << 32) - columns, k, dim=-1).indices

@@ -167,14 +167,14 @@ def test_make_generator():
         ({"temperature": math.nan}, "temperature=nan"),
         ({"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
         ({"top_p": 1.5}, "top_p=1.5"),
-        ({"top_k": -1}, "top_k=-1"),
+        ({"top_k": -2}, "top_k=-2"),
         ({"stop": ("ok", "")}, "empty string"),
         ({"stop": ["ok", 3]}, "stop string 3 is a int"),
         ({"stop": 5}, "stop=5"),
     ],
 )
 def test_sampling_params_validation(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         SamplingParams(**kwargs)
 
 

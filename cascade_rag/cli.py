@@ -75,7 +75,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    question = _check_text(args.question, "the question")
+    question = _check_text(args.question, "the question", sys.getfilesystemencoding())
     with _pipeline(args) as rag:
         _stream_answer(question, rag.stream(question))
         _print_stats(rag.engine)
@@ -104,7 +104,8 @@ def _chat(args: argparse.Namespace) -> int:
             if not question:
                 continue
             try:
-                question = _check_text(question, f"line {number}")
+                encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
+                question = _check_text(question, f"line {number}", encoding)
                 answer = _stream_answer(question, rag.stream(question, history=history))
             except EngineClosedError as exc:  # nothing more can be answered
                 _print_error(exc)
@@ -145,11 +146,10 @@ def _tolerate_undecodable_stdin() -> None:
         sys.stdin.reconfigure(errors="surrogateescape")
 
 
-def _check_text(text: str, what: str) -> str:
+def _check_text(text: str, what: str, encoding: str) -> str:
     """`text` unless it holds bytes that did not decode (surrogate escapes)."""
     if any("\udc80" <= ch <= "\udcff" for ch in text):
-        encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
-        raise ValueError(f"{what} is not valid {encoding} text; skipped")
+        raise ValueError(f"{what} is not valid {encoding} text")
     return text
 
 

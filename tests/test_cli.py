@@ -53,6 +53,18 @@ def test_bad_arguments_exit_with_usage():
     assert result.returncode == 2 and "invalid choice: 'float64'" in result.stderr
 
 
+def test_undecodable_question_exits_with_a_message():
+    result = subprocess.run(
+        [sys.executable, "-m", "cascade_rag.cli", "ask", b"Where is \xff?"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "cascade-rag: error: the question is not valid" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_version_comes_from_the_package_metadata():
     from importlib import metadata
 

@@ -5,10 +5,11 @@ Every passage is registered with the engine as a RAG_RESULT chunk; its FAISS id 
 a search result names the chunk whose KV the engine can reuse. Vectors are L2-normalised and
 searched by inner product (cosine) in an `IndexIDMap2` over an `IndexFlatIP` (exact search).
 
-On disk an index is a folder: `index.json` (embedder, chunk namespace, passages, and the name
-of the vectors file) and `vectors-<token>.faiss`. Saving writes a new vectors file, then
-replaces `index.json` atomically, then removes the old vectors file, so a crash at any point
-leaves the previous index loadable.
+Adding embeds outside the index's lock and inserts under it, so searches run while an ingest
+embeds. Passage metadata must be JSON-serialisable (checked when added, since the index is
+saved as JSON). On disk an index is a folder written atomically and checked in full when read
+(`store.py`: paths, schema, sha256 of the vectors, a digest per passage, the embedder's content
+identity); loading takes no lock, so read-only indexes load.
 
 This module does not decide chunk order in prompts or talk to other frameworks (see
 `retriever.py`).
@@ -19,9 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import shutil
 import threading
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -31,29 +31,26 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cascade_rag.chunks import ChunkType
-from cascade_rag.retrieval.embedder import Embedder
+from cascade_rag.retrieval import store
+from cascade_rag.retrieval.embedder import Embedder, embedder_identity
+from cascade_rag.retrieval.files import normalise_extensions
 from cascade_rag.retrieval.ingest import (
     DEFAULT_EXTENSIONS,
+    IngestReport,
     Passage,
     SkippedFile,
     list_document_files,
     load_documents,
     split_documents,
 )
+from cascade_rag.retrieval.store import DamagedIndexError, faiss_id
 
 if TYPE_CHECKING:
     from cascade_rag.llm import CascadeEngine
 
 logger = logging.getLogger(__name__)
 
-INDEX_FORMAT = "cascade-rag-index"
-INDEX_VERSION = 1
-_MANIFEST = "index.json"
-
-
-def faiss_id(chunk_id: str) -> int:
-    """The FAISS int64 id of a chunk: its first 15 hex digits (60 bits, never negative)."""
-    return int(chunk_id[:15], 16)
+__all__ = ["DamagedIndexError", "DocumentIndex", "faiss_id"]
 
 
 class DocumentIndex:
@@ -63,8 +60,13 @@ class DocumentIndex:
         engine: the `CascadeEngine` whose chunk registry names the passages.
         embedder: the `Embedder` for passages and queries; None loads the default one.
 
-    Adding is all or nothing: if embedding fails half way, the index is as it was. Searches
-    and adds from several threads are serialised.
+    Adding is all or nothing: if embedding fails half way, the index is as it was. The
+    embedding of an add runs outside the index's lock, so searches from other threads go on
+    meanwhile (with the real `Embedder` a query waits for at most one embedding batch).
+
+    Attributes:
+        skipped: files `from_folder` asked for but could not read.
+        ingest_report: the `IngestReport` of `from_folder` (every file not read, and why).
 
     Example:
         >>> index = DocumentIndex.from_folder("handbook/", engine)
@@ -81,8 +83,9 @@ class DocumentIndex:
         self.embedder = embedder if embedder is not None else Embedder()
         self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.embedder.dim))
         self._passages: dict[int, Passage] = {}  # FAISS id -> passage (chunk_id set)
-        self._lock = threading.RLock()
-        self.skipped: list[SkippedFile] = []  # files from_folder could not read
+        self._lock = threading.RLock()  # guards _index and _passages; never held to embed
+        self.skipped: list[SkippedFile] = []
+        self.ingest_report: IngestReport | None = None
         self._fingerprint: str | None = None  # what a cached index was built from
 
     # ---- building ----------------------------------------------------------------------
@@ -90,46 +93,58 @@ class DocumentIndex:
     def add_passages(self, passages: Iterable[Passage], show_progress: bool = True) -> int:
         """Register, embed and index passages; passages already indexed are skipped.
 
+        The passages are embedded without holding the index's lock (searches go on), then
+        inserted under it; a passage another thread added meanwhile is not added twice.
+
         Args:
             passages: `Passage`s (e.g. from `split_documents`).
             show_progress: show a tqdm bar while embedding.
         Returns:
             the number of passages added (duplicates of indexed text are not counted).
         Raises:
-            TypeError / ValueError: a passage that is not a `Passage` or has no text; nothing
-                is added then.
+            TypeError: a passage that is not a `Passage`, a source that is not a str, or
+                metadata that is not a dict of str keys to JSON-serialisable values (the
+                message names the key); nothing is added then.
+            ValueError: a passage without text; nothing is added then.
         """
         passages = list(passages)
         for p in passages:
-            if not isinstance(p, Passage):
-                raise TypeError(f"add_passages takes Passages, got {type(p).__name__}")
-            if not isinstance(p.text, str) or not p.text.strip():
-                raise ValueError(f"passage from {p.source!r} has no text; drop it before adding")
+            _check_passage(p)
+        new: dict[int, Passage] = {}
+        for p in passages:  # the engine's registry has its own lock
+            metadata = {**p.metadata, "source": p.source}
+            chunk = self.engine.register_chunk(p.text, ChunkType.RAG_RESULT, metadata)
+            fid = faiss_id(chunk.id)
+            held = new.get(fid)
+            if held is None:
+                with self._lock:
+                    held = self._passages.get(fid)
+            if held is not None:
+                _check_no_collision(held, chunk.id)
+                continue
+            new[fid] = replace(p, metadata=dict(p.metadata), chunk_id=chunk.id)
+        if not new:
+            return 0
+        vectors = self._embed([p.text for p in new.values()], show_progress)  # no lock held
         with self._lock:
-            new: dict[int, Passage] = {}
-            for p in passages:
-                metadata = {**p.metadata, "source": p.source}
-                chunk = self.engine.register_chunk(p.text, ChunkType.RAG_RESULT, metadata)
-                fid = faiss_id(chunk.id)
-                held = self._passages.get(fid) or new.get(fid)
-                if held is not None:
-                    if held.chunk_id != chunk.id:
-                        raise RuntimeError(
-                            f"FAISS id collision between chunks {held.chunk_id} and {chunk.id}"
-                        )
-                    continue
-                new[fid] = replace(p, metadata=dict(p.metadata), chunk_id=chunk.id)
-            if not new:
+            keep = []
+            for row, (fid, p) in enumerate(new.items()):
+                held = self._passages.get(fid)
+                if held is None:
+                    keep.append(row)
+                else:  # added by another thread while this one embedded
+                    _check_no_collision(held, p.chunk_id)
+            if not keep:
                 return 0
-            ids = np.fromiter(new.keys(), dtype=np.int64, count=len(new))
-            vectors = self._embed([p.text for p in new.values()], show_progress)
+            items = list(new.items())
+            ids = np.array([items[row][0] for row in keep], dtype=np.int64)
             try:
-                self._index.add_with_ids(vectors, ids)
+                self._index.add_with_ids(np.ascontiguousarray(vectors[keep]), ids)
             except BaseException:
                 self._index.remove_ids(ids)  # no-op for ids that did not get in
                 raise
-            self._passages.update(new)
-            return len(new)
+            self._passages.update(items[row] for row in keep)
+            return len(keep)
 
     @classmethod
     def from_folder(
@@ -141,20 +156,31 @@ class DocumentIndex:
         chunk_overlap: int = 80,
         extensions: Sequence[str] = DEFAULT_EXTENSIONS,
         show_progress: bool = True,
+        *,
+        follow_symlinks: bool = False,
+        include_extensionless: bool = False,
     ) -> DocumentIndex:
-        """Read, split and index every document under `folder`.
+        """Read, split and index every document under `folder` (see `load_documents`).
 
-        Unusable files are skipped with a warning and listed in `index.skipped`.
+        Every file not read is in `index.ingest_report` with its reason; the unusable ones are
+        also in `index.skipped` and logged.
 
         Raises:
             FileNotFoundError: the folder does not exist.
             ValueError: it has no usable documents, or bad chunk sizes.
         """
-        docs = load_documents(folder, extensions=extensions, show_progress=show_progress)
+        docs = load_documents(
+            folder,
+            extensions=extensions,
+            show_progress=show_progress,
+            follow_symlinks=follow_symlinks,
+            include_extensionless=include_extensionless,
+        )
         passages = split_documents(docs, chunk_size=chunk_size, chunk_overlap=chunk_overlap)
         index = cls(engine, embedder)
         index.add_passages(passages, show_progress=show_progress)
         index.skipped = list(docs.skipped)
+        index.ingest_report = docs.report
         return index
 
     @classmethod
@@ -168,18 +194,24 @@ class DocumentIndex:
         chunk_overlap: int = 80,
         extensions: Sequence[str] = DEFAULT_EXTENSIONS,
         show_progress: bool = True,
+        *,
+        follow_symlinks: bool = False,
+        include_extensionless: bool = False,
     ) -> DocumentIndex:
         """The index of `folder`, loaded from the cache, or built and saved there.
 
         The cache entry is `<cache_dir>/indexes/<folder name>-<hash of its path>`; it is
-        rebuilt when any document's path, size or modification time, the embedder or the
-        chunk sizes change. `cache_dir` defaults to the engine's (`$CASCADE_RAG_CACHE` or
-        ~/.cache/cascade_rag).
+        rebuilt when any document's path, size or modification time, the embedder's identity,
+        the chunk sizes or the file options change. A damaged entry (anything `load` refuses)
+        is deleted and rebuilt, with a warning. `cache_dir` defaults to the engine's
+        (`$CASCADE_RAG_CACHE` or ~/.cache/cascade_rag).
         """
         root = Path(folder).expanduser()
-        files = list_document_files(root, extensions)  # FileNotFoundError names the folder
+        options = dict(follow_symlinks=follow_symlinks, include_extensionless=include_extensionless)
+        files = list_document_files(root, extensions, **options)  # names a missing folder
         embedder = embedder if embedder is not None else Embedder()
-        fingerprint = _fingerprint(root, files, embedder, chunk_size, chunk_overlap)
+        settings = [chunk_size, chunk_overlap, normalise_extensions(extensions), options]
+        fingerprint = _fingerprint(root, files, embedder, settings)
         if cache_dir is None:
             from cascade_rag.models.loader import default_cache_dir
 
@@ -187,12 +219,17 @@ class DocumentIndex:
         resolved = str(root.resolve())
         key = hashlib.sha256(resolved.encode()).hexdigest()[:16]
         path = Path(cache_dir).expanduser() / "indexes" / f"{root.resolve().name}-{key}"
-        if (path / _MANIFEST).is_file():
+        if path.is_symlink() or path.is_file():  # not ours: an entry is a real folder
+            logger.warning("replacing %s, which is not a cached index folder", path)
+            path.unlink()
+        elif DocumentIndex.exists(path):
             try:
-                if _read_manifest(path).get("fingerprint") == fingerprint:
-                    return cls.load(path, engine, embedder)
-            except ValueError as exc:  # damaged or old format: rebuilt below
+                saved = store.read_index(path)
+                if saved.fingerprint == fingerprint:
+                    return cls._from_saved(saved, engine, embedder)
+            except ValueError as exc:  # damaged, edited or of an old format
                 logger.warning("rebuilding the cached index at %s: %s", path, exc)
+                shutil.rmtree(path)
         index = cls.from_folder(
             root,
             engine,
@@ -201,6 +238,7 @@ class DocumentIndex:
             chunk_overlap=chunk_overlap,
             extensions=extensions,
             show_progress=show_progress,
+            **options,
         )
         index._fingerprint = fingerprint
         index.save(path)
@@ -211,7 +249,8 @@ class DocumentIndex:
     def search(self, query: str, k: int) -> list[tuple[Passage, float]]:
         """The `k` passages most similar to `query`, best first, with cosine similarities.
 
-        Asking for more passages than the index holds returns all of them.
+        Asking for more passages than the index holds returns all of them. The query is
+        embedded without holding the index's lock.
 
         Raises:
             ValueError: an empty query, k <= 0, or an empty index.
@@ -220,10 +259,10 @@ class DocumentIndex:
             raise ValueError(f"query must be a non-empty string, got {query!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        if len(self) == 0:
+            raise ValueError("the index is empty; ingest documents first")
+        vector = self.embedder.embed([query])  # [1, dim]
         with self._lock:
-            if self._index.ntotal == 0:
-                raise ValueError("the index is empty; ingest documents first")
-            vector = self.embedder.embed([query])  # [1, dim]
             scores, ids = self._index.search(vector, min(k, self._index.ntotal))
             return [
                 (_copy(self._passages[int(i)]), float(s))
@@ -248,11 +287,11 @@ class DocumentIndex:
     def save(self, path: str | Path) -> None:
         """Save the index to the folder `path` (created if needed), atomically.
 
-        A crash or error while saving leaves whatever index was at `path` loadable.
+        A crash or error while saving leaves whatever index was at `path` loadable. Writers
+        take `<path>/.lock`; readers take no lock.
 
         Raises:
             ValueError: `path` is an existing file.
-            TypeError: passage metadata that JSON cannot hold.
         """
         import faiss
         from filelock import FileLock
@@ -261,120 +300,84 @@ class DocumentIndex:
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"index path {str(path)!r} is a file; pass a folder path")
         folder.mkdir(parents=True, exist_ok=True)
-        token = uuid.uuid4().hex[:12]
-        vectors_name = f"vectors-{token}.faiss"
-        with FileLock(str(folder / ".lock")), self._lock:
-            manifest = {
-                "format": INDEX_FORMAT,
-                "version": INDEX_VERSION,
-                "embedder": {"name": self.embedder.name, "dim": self.embedder.dim},
-                "namespace": self.engine.registry.namespace,
-                "vectors": vectors_name,
-                "fingerprint": self._fingerprint,
-                "passages": [
-                    {
-                        "id": fid,
-                        "chunk_id": p.chunk_id,
-                        "source": p.source,
-                        "text": p.text,
-                        "metadata": p.metadata,
-                    }
-                    for fid, p in self._passages.items()
-                ],
-            }
-            body = json.dumps(manifest, ensure_ascii=False)  # TypeError before any write
-            tmp_manifest = folder / f"{_MANIFEST}.{token}.tmp"
-            try:
-                faiss.write_index(self._index, str(folder / vectors_name))
-                _fsync(folder / vectors_name)
-                tmp_manifest.write_text(body, encoding="utf-8")
-                _fsync(tmp_manifest)
-                os.replace(tmp_manifest, folder / _MANIFEST)
-            except BaseException:
-                for leftover in (tmp_manifest, folder / vectors_name):
-                    leftover.unlink(missing_ok=True)
-                raise
-            _fsync_dir(folder)
-            for old in folder.glob("vectors-*.faiss"):
-                if old.name != vectors_name:
-                    old.unlink(missing_ok=True)
-            for old in folder.glob(f"{_MANIFEST}.*.tmp"):
-                old.unlink(missing_ok=True)
+        identity = embedder_identity(self.embedder)
+        with FileLock(str(folder / ".lock")):
+            with self._lock:  # a consistent copy; written without blocking searches
+                passages = list(self._passages.values())
+                vectors = faiss.clone_index(self._index)
+            store.write_index(
+                folder,
+                embedder_name=self.embedder.name,
+                embedder_dim=self.embedder.dim,
+                embedder_identity=identity,
+                namespace=self.engine.registry.namespace,
+                fingerprint=self._fingerprint,
+                passages=passages,
+                faiss_index=vectors,
+            )
 
     @staticmethod
     def exists(path: str | Path) -> bool:
         """Whether `path` holds a saved index (cheap: reads nothing)."""
-        return (Path(path).expanduser() / _MANIFEST).is_file()
+        return (Path(path).expanduser() / store.MANIFEST).is_file()
 
     @classmethod
     def load(
         cls, path: str | Path, engine: CascadeEngine, embedder: Embedder | None = None
     ) -> DocumentIndex:
-        """Load an index saved by `save`.
+        """Load an index saved by `save`, checking everything in it (see `store.py`).
 
         If `engine` names chunks differently from the engine the index was built with (another
-        model or tokenizer), the passages are registered again under new ids.
+        model or tokenizer), the passages are registered again under new ids. Only
+        `<path>/index.json` and the vectors file it names are opened, read-only.
 
         Raises:
             FileNotFoundError: no index at `path`.
-            ValueError: not an index, a damaged one, or an embedder other than the one it
-                was built with.
+            DamagedIndexError (a ValueError): a damaged or edited index; rebuild it.
+            ValueError: an embedder other than the one it was built with (compared by the
+                content identity of the model files, not the name).
         """
-        import faiss
-        from filelock import FileLock
+        saved = store.read_index(path)
+        return cls._from_saved(saved, engine, embedder)
 
-        folder = Path(path).expanduser()
-        if not (folder / _MANIFEST).is_file():
-            raise FileNotFoundError(
-                f"no saved index at {str(path)!r} (expected {folder / _MANIFEST}); build one "
-                "with DocumentIndex.from_folder(...).save(path) or `cascade-rag ingest`"
-            )
-        with FileLock(str(folder / ".lock")):
-            manifest = _read_manifest(folder)
-            vectors_path = folder / str(manifest.get("vectors", ""))
-            if not vectors_path.is_file():
-                raise ValueError(f"index at {str(path)!r} is damaged: {vectors_path} is missing")
-            faiss_index = faiss.read_index(str(vectors_path))
-        saved = manifest["embedder"]
+    @classmethod
+    def _from_saved(
+        cls, saved: store.SavedIndex, engine: CascadeEngine, embedder: Embedder | None
+    ) -> DocumentIndex:
         embedder = embedder if embedder is not None else Embedder()
-        if (saved["name"], saved["dim"]) != (embedder.name, embedder.dim):
-            raise ValueError(
-                f"the index at {str(path)!r} was built with embedder {saved['name']!r} "
-                f"(dim {saved['dim']}), not {embedder.name!r} (dim {embedder.dim}); pass "
-                f"embedder=Embedder(<the {saved['name']} model>) or rebuild the index"
+        identity = embedder_identity(embedder)
+        if (saved.embedder_identity, saved.embedder_dim) != (identity, embedder.dim):
+            same_name = " (another model under the same name)" * (
+                saved.embedder_name == embedder.name
             )
-        records = manifest["passages"]
-        stored_ids = faiss.vector_to_array(faiss_index.id_map) if records else np.zeros(0)
-        if faiss_index.ntotal != len(records) or set(stored_ids.tolist()) != {
-            r["id"] for r in records
-        }:
             raise ValueError(
-                f"index at {str(path)!r} is damaged: {faiss_index.ntotal} vectors for "
-                f"{len(records)} passages; rebuild it"
+                f"the index at {str(saved.folder)!r} was built with embedder "
+                f"{saved.embedder_name!r} ({saved.embedder_identity}, dim {saved.embedder_dim}), "
+                f"not {embedder.name!r} ({identity}, dim {embedder.dim}){same_name}; pass "
+                f"embedder=Embedder(<the {saved.embedder_name} model it was built with>) or "
+                "rebuild the index with `cascade-rag ingest`"
             )
         index = cls(engine, embedder)
-        index._fingerprint = manifest.get("fingerprint")
-        passages = {
-            r["id"]: Passage(r["text"], r["source"], dict(r["metadata"]), r["chunk_id"])
-            for r in records
-        }
-        if manifest["namespace"] == engine.registry.namespace:
-            index._index = faiss_index
+        index._fingerprint = saved.fingerprint
+        passages = {faiss_id(p.chunk_id): p for p in saved.passages}
+        if saved.namespace == engine.registry.namespace:
+            index._index = saved.faiss_index
             index._passages = passages
-        else:  # other model or tokenizer: other chunk ids; move the vectors to the new ids
-            old_ids = list(passages)
-            vectors = np.stack([faiss_index.reconstruct(i) for i in old_ids]).astype(np.float32)
-            for fid in old_ids:
-                p = passages[fid]
-                chunk = engine.register_chunk(
-                    p.text, ChunkType.RAG_RESULT, {**p.metadata, "source": p.source}
-                )
-                p.chunk_id = chunk.id
-            new_ids = np.array([faiss_id(passages[i].chunk_id) for i in old_ids], np.int64)
-            _, first = np.unique(new_ids, return_index=True)
-            first.sort()
-            index._index.add_with_ids(vectors[first], new_ids[first])
-            index._passages = {int(new_ids[j]): passages[old_ids[j]] for j in first}
+            return index
+        # other model or tokenizer: other chunk ids; move the vectors to the new ids
+        old_ids = list(passages)
+        vectors = np.stack([saved.faiss_index.reconstruct(i) for i in old_ids]).astype(np.float32)
+        for fid in old_ids:
+            p = passages[fid]
+            chunk = engine.register_chunk(
+                p.text, ChunkType.RAG_RESULT, {**p.metadata, "source": p.source}
+            )
+            p.chunk_id = chunk.id
+        new_ids = np.array([faiss_id(passages[i].chunk_id) for i in old_ids], np.int64)
+        _, first = np.unique(new_ids, return_index=True)
+        first.sort()
+        index._index.add_with_ids(vectors[first], new_ids[first])
+        index._passages = {int(new_ids[j]): passages[old_ids[j]] for j in first}
         return index
 
     # ---- internals ---------------------------------------------------------------------
@@ -390,53 +393,59 @@ class DocumentIndex:
                 parts.append(self.embedder.embed(texts[start : start + step]))
                 bar.update(len(parts[-1]))
         vectors = np.concatenate(parts).astype(np.float32, copy=False)
-        assert vectors.shape == (len(texts), self.embedder.dim), vectors.shape
+        if vectors.shape != (len(texts), self.embedder.dim):
+            raise ValueError(
+                f"the embedder returned vectors of shape {vectors.shape} for {len(texts)} "
+                f"texts; expected ({len(texts)}, {self.embedder.dim})"
+            )
         return vectors
+
+
+def _check_passage(p: Passage) -> None:
+    """TypeError/ValueError for a passage `add_passages` cannot index or `save` cannot write."""
+    if not isinstance(p, Passage):
+        raise TypeError(f"add_passages takes Passages, got {type(p).__name__}")
+    if not isinstance(p.text, str) or not p.text.strip():
+        raise ValueError(f"passage from {p.source!r} has no text; drop it before adding")
+    if not isinstance(p.source, str):
+        raise TypeError(f"passage source must be a str, got {type(p.source).__name__}")
+    if not isinstance(p.metadata, dict):
+        raise TypeError(
+            f"metadata of the passage from {p.source!r} must be a dict, got "
+            f"{type(p.metadata).__name__}"
+        )
+    for key, value in p.metadata.items():
+        if not isinstance(key, str):
+            raise TypeError(
+                f"metadata key {key!r} of the passage from {p.source!r} is a "
+                f"{type(key).__name__}; JSON keys are strings: use str({key!r})"
+            )
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"metadata key {key!r} of the passage from {p.source!r} holds a "
+                f"{type(value).__name__} that JSON cannot store ({exc}); convert it to str, "
+                "int, float, bool, None, list or dict before adding"
+            ) from None
+
+
+def _check_no_collision(held: Passage, chunk_id: str) -> None:
+    if held.chunk_id != chunk_id:
+        raise RuntimeError(f"FAISS id collision between chunks {held.chunk_id} and {chunk_id}")
 
 
 def _copy(p: Passage) -> Passage:
     return replace(p, metadata=dict(p.metadata))
 
 
-def _read_manifest(folder: Path) -> dict:
-    try:
-        manifest = json.loads((folder / _MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read the index at {str(folder)!r}: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{folder / _MANIFEST} is not a cascade-rag index")
-    if manifest.get("version") != INDEX_VERSION:
-        raise ValueError(
-            f"index at {str(folder)!r} has format version {manifest.get('version')}; this "
-            f"cascade-rag reads version {INDEX_VERSION}: rebuild the index"
-        )
-    return manifest
-
-
-def _fingerprint(
-    root: Path, files: list[Path], embedder: Embedder, chunk_size: int, chunk_overlap: int
-) -> str:
+def _fingerprint(root: Path, files: list[Path], embedder: Embedder, settings: list) -> str:
     """Hash of what a cached index depends on: the files' names, sizes and times, settings."""
     h = hashlib.sha256()
-    settings = [INDEX_VERSION, embedder.name, embedder.dim, chunk_size, chunk_overlap]
-    h.update(json.dumps(settings).encode())
+    head = [store.INDEX_VERSION, embedder_identity(embedder), embedder.dim, settings]
+    h.update(json.dumps(head).encode())
     for f in files:
         st = f.stat()
         rel = f.name if root.is_file() else f.relative_to(root).as_posix()
         h.update(json.dumps([rel, st.st_size, st.st_mtime_ns]).encode())
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

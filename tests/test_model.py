@@ -263,6 +263,14 @@ def test_model_config_validates():
 # ---- loader ----
 
 
+@pytest.fixture(autouse=True)
+def _own_cache_dir(request, tmp_path_factory, monkeypatch):
+    """Loader tests write digests and conversions to a fresh cache, not the user's; tests of
+    the real default model keep the normal cache (its conversion takes ~30 s)."""
+    if "default_model" not in request.fixturenames:
+        monkeypatch.setenv("CASCADE_RAG_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 def _save_tiny_tokenizer(folder: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -326,12 +334,16 @@ def test_load_model_dtype(tmp_path):
     assert lm.model.compute_logits(hidden).dtype == torch.float32
 
 
-def test_model_id_changes_with_weights_and_config(tmp_path):
+def test_model_id_follows_content_not_file_times(tmp_path):
     _, folder = _saved_hf_folder(tmp_path, "llama")
     weights = folder / "model.safetensors"
     before = load_model(folder).model_id
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert load_model(folder).model_id == before  # touched, not changed
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor
+    weights.write_bytes(bytes(data))
     after_weights = load_model(folder).model_id
     assert after_weights != before
     config = json.loads((folder / "config.json").read_text())
@@ -402,7 +414,9 @@ def test_gguf_cache_converts_once(tmp_path, monkeypatch):
     assert len(calls) == 1 and (first / "config.json").is_file()
     st = gguf.stat()
     os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    assert convert_gguf(gguf, tmp_path / "cache") != first  # keyed by size and mtime
+    assert convert_gguf(gguf, tmp_path / "cache") == first  # keyed by content, not mtime
+    gguf.write_bytes(b"GGUF, changed")
+    assert convert_gguf(gguf, tmp_path / "cache") != first
     assert len(calls) == 2
 
 
@@ -418,8 +432,8 @@ def test_gguf_cache_crash_leaves_no_entry(tmp_path, monkeypatch):
         convert_gguf(gguf, tmp_path / "cache")
     assert [p for p in models_dir.iterdir() if p.is_dir()] == []
     # a temp folder left by a killed process is removed by the next conversion
-    st = gguf.stat()
-    stale = models_dir / f".tiny-{st.st_size}-{st.st_mtime_ns}-v1.tmp-dead"
+    digest = loader.file_sha256(gguf, tmp_path / "cache")
+    stale = models_dir / f".tiny-{digest[:16]}-v1.tmp-dead"
     stale.mkdir()
     monkeypatch.setattr(
         loader, "_convert_gguf_to_folder", lambda g, out: (out / "config.json").write_text("{}")

@@ -52,25 +52,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from cascade_rag.retrieval import DocumentIndex
-    from cascade_rag.retrieval.ingest import list_document_files
+    from cascade_rag.retrieval import DocumentIndex, load_documents, split_documents
+    from cascade_rag.retrieval.ingest import DEFAULT_EXTENSIONS, NoUsableDocumentsError
 
-    list_document_files(args.folder)  # a missing folder fails before the model loads
     if Path(args.index).exists() and not Path(args.index).is_dir():
         raise ValueError(f"--index {args.index!r} is a file; pass a folder path")
+    try:  # documents are read and split before the models load
+        docs = load_documents(
+            args.folder,
+            extensions=args.extensions or DEFAULT_EXTENSIONS,
+            show_progress=not args.quiet,
+            follow_symlinks=args.follow_symlinks,
+            include_extensionless=args.include_extensionless,
+        )
+    except NoUsableDocumentsError as exc:
+        print(exc.report.summary(), file=sys.stderr)
+        raise
+    print(docs.report.summary())  # every file not read, grouped by reason
+    passages = split_documents(docs, chunk_size=args.chunk_size, chunk_overlap=args.chunk_overlap)
     embedder = _embedder(args)
     with _engine(args) as engine:
-        index = DocumentIndex.from_folder(
-            args.folder,
-            engine,
-            embedder,
-            chunk_size=args.chunk_size,
-            chunk_overlap=args.chunk_overlap,
-            show_progress=not args.quiet,
-        )
+        index = DocumentIndex(engine, embedder)
+        index.add_passages(passages, show_progress=not args.quiet)
         index.save(args.index)
-    skipped = f"; skipped {len(index.skipped)} unusable files" if index.skipped else ""
-    print(f"indexed {len(index)} passages from {args.folder} into {args.index}{skipped}")
+    print(f"indexed {len(index)} passages from {args.folder} into {args.index}")
     return 0
 
 
@@ -381,8 +386,27 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "ingest", parents=[common, splitting], help="index a folder of documents"
     )
-    p.add_argument("folder", help="folder of .txt, .md, .pdf, .html files")
+    p.add_argument("folder", help="folder of .txt, .md, .rst, .pdf, .html files")
     p.add_argument("--index", required=True, help="folder to save the index in")
+    p.add_argument(
+        "--ext",
+        action="append",
+        dest="extensions",
+        metavar=".EXT",
+        help="read files with this extension; repeat for several (replaces the default "
+        ".txt .md .rst .pdf .html .htm)",
+    )
+    p.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="follow symlinks that lead out of FOLDER (each one is listed); by default they "
+        "are skipped and reported",
+    )
+    p.add_argument(
+        "--include-extensionless",
+        action="store_true",
+        help="also read files without an extension, as text",
+    )
     p.set_defaults(run=_ingest)
 
     p = commands.add_parser(

@@ -45,6 +45,7 @@ __all__ = [
     "FollowedSymlink",
     "IngestReport",
     "LoadedDocuments",
+    "NoUsableDocumentsError",
     "Passage",
     "SkipKind",
     "SkippedFile",
@@ -159,6 +160,14 @@ class IngestReport:
             return path
 
 
+class NoUsableDocumentsError(ValueError):
+    """`load_documents` found no file that gave a document; `report` says why for each."""
+
+    def __init__(self, message: str, report: IngestReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 class LoadedDocuments(list):
     """The documents `load_documents` read (a list), with its `report`.
 
@@ -207,8 +216,9 @@ def load_documents(
         why, and of the symlinks followed; `skipped` is also logged as one warning.
     Raises:
         FileNotFoundError: `folder` does not exist.
-        ValueError: no file gave a usable document (the message has the report), or a bad
-            extension or `max_file_bytes`.
+        NoUsableDocumentsError (a ValueError): no file gave a usable document; its `report`
+            (also in the message) says why for each file.
+        ValueError: a bad extension or `max_file_bytes`.
 
     Example:
         >>> docs = load_documents("handbook/", extensions=(".md", ".rst"), show_progress=False)
@@ -263,9 +273,10 @@ def load_documents(
         )
     if not documents:
         detail = f"; skipped {len(report.skipped)} unusable files" if report.skipped else ""
-        raise ValueError(
+        raise NoUsableDocumentsError(
             f"no usable documents in {str(folder)!r} (looked for "
-            f"{', '.join(normalise_extensions(extensions))}){detail}\n{report.summary()}"
+            f"{', '.join(normalise_extensions(extensions))}){detail}\n{report.summary()}",
+            report,
         )
     return LoadedDocuments(documents, report)
 

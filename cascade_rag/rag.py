@@ -5,15 +5,17 @@ The system prompt is one chunk shared by every request, and passages retrieved f
 questions are shared chunks too, so the engine computes their KV once. `ask_many` sends all
 questions as one batch, which the engine serves with cascade attention over the shared chunks.
 
-Chat history (earlier questions and answers) goes into the query part, the request's private
+Chat history (earlier questions and answers) goes after the chunks, in the request's private
 tail, as chat turns of the model's template:
 
     [system | chunk 1 .. chunk k | Question: q1 <end> assistant: a1 <end> user: Question: q]
 
 so the system prompt and the passages stay the same cacheable chunks whatever was said
-before; only the history is computed per request. Turns that would not leave room for the
-answer in the context (or the KV pool) are dropped, oldest first. Retrieval uses the current
-question alone.
+before; only the history is computed per request. The template is rendered around
+placeholders, so its turn markers become control tokens while the questions and answers are
+tokenized as text (an answer that contains "<|im_end|>" stays those characters). Turns that
+would not leave room for the answer in the context (or the KV pool) are dropped, oldest
+first. Retrieval uses the current question alone.
 
 This module does not index documents (see `cascade_rag.retrieval`), keep a conversation
 between calls (the caller passes the history), or parse command lines (see `cascade_rag.cli`).
@@ -21,6 +23,8 @@ between calls (the caller passes the history), or parse command lines (see `casc
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -110,17 +114,24 @@ class RAGPipeline:
         self.system_prompt = system_prompt
         self.sampling = sampling if sampling is not None else SamplingParams()
 
-    def compose(
-        self, question: str, chunks: Sequence[Chunk], history: History | None = None
-    ) -> Composition:
-        """The prompt for `question` over `chunks`: [system | chunks | history + question].
+    def compose(self, question: str, chunks: Sequence[Chunk]) -> Composition:
+        """The prompt for `question` over `chunks`: [system | chunks | "Question: ..."]."""
+        return Composition(
+            query=f"Question: {question}", chunks=list(chunks), system=self.system_prompt
+        )
 
-        All of `history` is used; `ask` and `stream` drop its oldest turns to fit the context.
+    def prepare(
+        self, question: str, chunks: Sequence[Chunk], history: History | None = None
+    ) -> PreparedPrompt:
+        """The tokenized prompt [system | chunks | history turns | question] with all of
+        `history` (`ask` and `stream` drop its oldest turns where it does not fit).
+
+        The chunks are those of `engine.prepare(self.compose(question, chunks))`: the same
+        with or without history.
         """
         turns = _history_turns(history)
-        return Composition(
-            query=self._query_text(turns, question), chunks=list(chunks), system=self.system_prompt
-        )
+        base = self.engine.prepare(self.compose(question, chunks))
+        return self._with_turns(base, turns, question)
 
     # ---- answering ---------------------------------------------------------------------
 
@@ -218,55 +229,83 @@ class RAGPipeline:
         """
         if not turns:
             return self.compose(question, chunks), 0
+        base = self.engine.prepare(self.compose(question, chunks))
         config = self.engine.config
-        pool = (config.num_pages - len(chunks) - 2) * config.page_size
+        pool = (config.num_pages - len(base.chunks) - 1) * config.page_size
         budget = min(self.engine.max_model_len, pool) - self.sampling.max_tokens
         for start in range(len(turns)):
-            prompt = Composition(
-                query=self._query_text(turns[start:], question),
-                chunks=list(chunks),
-                system=self.system_prompt,
-            )
-            prepared = self.engine.prepare(prompt)
-            if len(prepared.token_ids) <= budget:
-                return prepared, len(turns) - start
-        return self.compose(question, chunks), 0
+            prompt = self._with_turns(base, turns[start:], question)
+            if len(prompt.token_ids) <= budget:
+                return prompt, len(turns) - start
+        return base, 0
 
-    def _query_text(self, turns: list[list[dict[str, str]]], question: str) -> str:
-        """The private part after the chunks: earlier turns as chat turns, then the question.
+    def _with_turns(
+        self, base: PreparedPrompt, turns: list[list[dict[str, str]]], question: str
+    ) -> PreparedPrompt:
+        """`base` (the prompt without history) with `turns` before its question."""
+        question_ids = self._tail_ids([], question)
+        head = len(base.tail_ids) - len(question_ids)  # > 0 only with the chunk cache off
+        assert list(base.tail_ids[head:]) == question_ids, "tokenized as the composer does"
+        tail = [*base.tail_ids[:head], *self._tail_ids(turns, question)]
+        return PreparedPrompt(chunks=base.chunks, tail_ids=tuple(tail))
+
+    def _tail_ids(self, turns: list[list[dict[str, str]]], question: str) -> list[int]:
+        """Token ids after the chunks: earlier turns as chat turns, then the question.
 
         With a chat template the first turn's question continues the user turn that holds
-        the documents, and every later message is a turn of its own, rendered by the template
-        itself; without one, turns are plain paragraphs ("Answer: ..." for the model's).
+        the documents, and every later message is a turn of its own; the template's text is
+        parsed for control tokens, the messages are not. Without one, turns are plain
+        paragraphs ("Answer: ..." for the model's).
         """
-        query = f"Question: {question}"
         messages = [m for turn in turns for m in turn]
-        if not messages:
-            return query
-        messages.append({"role": "user", "content": query})
-        tokenizer = self.engine.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            return "\n\n".join(
+        messages.append({"role": "user", "content": f"Question: {question}"})
+        text = self.engine.composer.text
+        if not self.engine.composer.has_chat_template:
+            plain = "\n\n".join(
                 m["content"] if m["role"] == "user" else f"Answer: {m['content']}" for m in messages
             )
-        first, *rest = messages
-        first = {"role": "user", "content": _DOCS + first["content"]}
-        rendered = _render(tokenizer, [first, *rest])
-        tail = _render(tokenizer, [{"role": "user", "content": _DOCS}]).partition(_DOCS)[2]
-        _, found, after = rendered.partition(_DOCS)
-        if not found or not after.endswith(tail):
-            raise ValueError(
-                "the model's chat template does not render chat history after the documents "
-                "as turns of its own; call without history"
-            )
-        return after[: len(after) - len(tail)]
+            return text.encode_parts([(plain, False)])[0]
+        return text.encode_parts(_tail_parts(self.engine.tokenizer, messages))[0]
 
 
-def _render(tokenizer, messages: list[dict[str, str]]) -> str:
-    """The chat template applied to [system marker, *messages], with the generation prompt."""
-    return tokenizer.apply_chat_template(
-        [{"role": "system", "content": _SYS}, *messages], tokenize=False, add_generation_prompt=True
+def _tail_parts(tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """The conversation after the documents as (text, is_template) parts.
+
+    The template is rendered once with a placeholder per message content (what it writes
+    around them is template text) and once with the contents, which must fill the
+    placeholders unchanged.
+    """
+    nonce = secrets.token_hex(8)
+    placeholders = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
+    skeleton = _render(tokenizer, messages, placeholders)
+    rendered = _render(tokenizer, messages, [m["content"] for m in messages])
+    pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", skeleton)
+    # pieces: ["", "0", template, "1", template, ..., template]
+    parts: list[tuple[str, bool]] = []
+    if pieces[0] == "" and [int(i) for i in pieces[1::2]] == list(range(len(messages))):
+        for message, template in zip(messages, pieces[2::2]):
+            parts += [(message["content"], False), (template, True)]
+    if not parts or "".join(p for p, _ in parts) != rendered:
+        raise ValueError(
+            "the model's chat template does not render chat history after the documents as "
+            "turns of its own with the messages unchanged; call without history"
+        )
+    return [p for p in parts if p[0]]
+
+
+def _render(tokenizer, messages: list[dict[str, str]], contents: list[str]) -> str:
+    """The chat template over [system, *messages] (with `contents`), from the documents on."""
+    conversation = [{"role": "system", "content": _SYS}] + [
+        {"role": m["role"], "content": (_DOCS if i == 0 else "") + c}
+        for i, (m, c) in enumerate(zip(messages, contents))
+    ]
+    rendered = tokenizer.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True
     )
+    _, found, after = rendered.partition(_DOCS)
+    if not found:
+        raise ValueError("the model's chat template drops message contents; call without history")
+    return after
 
 
 class _StrippedText:

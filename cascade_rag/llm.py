@@ -275,14 +275,11 @@ class CascadeEngine:
         mc_len = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or mc_len, mc_len)
         namespace = f"{self.model.model_id}|{type(self.tokenizer).__name__}:{len(self.tokenizer)}"
-        try:  # TEMP until the registry's byte cap lands
-            self.registry = ChunkRegistry(
-                namespace,
-                capacity=config.chunk_registry_capacity,
-                capacity_bytes=config.chunk_registry_bytes,
-            )
-        except TypeError:
-            self.registry = ChunkRegistry(namespace, capacity=config.chunk_registry_capacity)
+        self.registry = ChunkRegistry(
+            namespace,
+            capacity=config.chunk_registry_capacity,
+            capacity_bytes=config.chunk_registry_bytes,
+        )
         self.composer = PromptComposer(
             self.tokenizer,
             self.registry,
@@ -338,7 +335,7 @@ class CascadeEngine:
         """
         prepared = self._prepare(prompt)
         with self._compose_lock:
-            return _commit(self.composer, prepared)
+            return self.composer.commit(prepared)
 
     def _prepare(self, prompt: Prompt) -> PreparedPrompt:
         """Tokenize and chunk without registering anything (see `prepare`)."""
@@ -347,14 +344,10 @@ class CascadeEngine:
             if not self.config.enable_chunk_cache and prompt.chunks:
                 return PreparedPrompt(chunks=(), tail_ids=tuple(prompt.token_ids))
             with self._compose_lock:
-                adopt = getattr(self.registry, "adopt", lambda c: c)  # TEMP
-                chunks = tuple(adopt(c) for c in prompt.chunks)
+                chunks = tuple(self.registry.adopt(c) for c in prompt.chunks)
             return PreparedPrompt(chunks=chunks, tail_ids=prompt.tail_ids)
         with self._compose_lock:
-            try:  # TEMP until the two-phase composer lands
-                prepared = self.composer.prepare(prompt, register=False)
-            except TypeError:
-                prepared = self.composer.prepare(prompt)
+            prepared = self.composer.prepare(prompt, register=False)
         self._check_token_ids(prepared.token_ids, "prompt")
         return prepared
 
@@ -515,7 +508,7 @@ class CascadeEngine:
         requests = []
         with self._compose_lock:
             for (prepared, params, max_tokens), (_, _, deliver) in zip(checked, items):
-                prepared = _commit(self.composer, prepared)
+                prepared = self.composer.commit(prepared)
                 requests.append(_Request(prepared, params, max_tokens, deliver, stream_text))
         return requests
 
@@ -523,8 +516,7 @@ class CascadeEngine:
         params = sampling if sampling is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling must be SamplingParams, got {type(params).__name__}")
-        if hasattr(params, "check_vocab"):  # TEMP until the sampler lands
-            params.check_vocab(self.vocab_size)
+        params.check_vocab(self.vocab_size)
         prepared = self._prepare(prompt)
         n = len(prepared.token_ids)
         if n >= self.max_model_len:
@@ -591,8 +583,3 @@ def _to_delta(item: SeqUpdate | BaseException) -> StreamDelta:
         output=item.output,
         logprobs=item.logprobs,
     )
-
-
-def _commit(composer, prepared):  # TEMP until the two-phase composer lands
-    commit = getattr(composer, "commit", None)
-    return prepared if commit is None else commit(prepared)

@@ -6,11 +6,7 @@ from dataclasses import dataclass
 
 from cascade_rag.chunks import ChunkStats
 from cascade_rag.engine.kv_cache import KVCacheStats
-
-try:  # TEMP until the sampler lands
-    from cascade_rag.sampling import TokenLogprob
-except ImportError:  # pragma: no cover
-    TokenLogprob = object
+from cascade_rag.sampling import TokenLogprob
 
 
 @dataclass(frozen=True)

@@ -379,11 +379,13 @@ def test_a_refused_request_registers_nothing(engine):
 
 
 def test_hand_built_chunks_are_adopted_and_never_share_kv_by_id(engine):
-    tok = engine.tokenizer
     a_text = "The ferry to Vell leaves at nine."
     b_text = "The ferry to Vell leaves at noon."
-    a = Chunk(id="doc-42", type=ChunkType.RAG_RESULT, token_ids=tuple(tok.encode(a_text)))
-    b = Chunk(id="doc-42", type=ChunkType.RAG_RESULT, token_ids=tuple(tok.encode(b_text)))
+    a_ids = engine.register_chunk(a_text).token_ids  # the tokens a text chunk has
+    b_ids = engine.register_chunk(b_text).token_ids
+    # two chunks built by hand with the same id and different tokens
+    a = Chunk(id="doc-42", type=ChunkType.RAG_RESULT, token_ids=a_ids)
+    b = Chunk(id="doc-42", type=ChunkType.RAG_RESULT, token_ids=b_ids)
     q = "When does the ferry to Vell leave?"
     params = SamplingParams(max_tokens=12)
     for chunk, text in ((a, a_text), (b, b_text)):

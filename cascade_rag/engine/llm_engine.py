@@ -22,12 +22,13 @@ from cascade_rag.engine.model_runner import ModelRunner
 from cascade_rag.engine.scheduler import Scheduler
 from cascade_rag.engine.sequence import PreparedPrompt, Sequence, SequenceStatus
 from cascade_rag.outputs import EngineStats, GenerationOutput, Usage
-from cascade_rag.sampling import Sampler, SamplingParams, make_generator
-
-try:  # TEMP until the sampler lands
-    from cascade_rag.sampling import SamplerOutput, TokenLogprob
-except ImportError:  # pragma: no cover
-    SamplerOutput = TokenLogprob = object
+from cascade_rag.sampling import (
+    Sampler,
+    SamplerOutput,
+    SamplingParams,
+    TokenLogprob,
+    make_generator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +112,7 @@ class LLMEngine:
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        try:  # TEMP until the sampler lands
-            self.sampler = Sampler(self.eos_token_ids)
-        except TypeError:
-            self.sampler = Sampler()
+        self.sampler = Sampler(self.eos_token_ids)
         self._streams: dict[int, TextStream] = {}
         self._generators: dict[int, torch.Generator | None] = {}
         self.num_steps = 0
@@ -248,17 +246,15 @@ class LLMEngine:
         return results
 
     def _sample_rows(self, logits, seqs, gens) -> SamplerOutput:
-        if not hasattr(self.sampler, "sample_step"):  # TEMP until the sampler lands
-            from types import SimpleNamespace
-
-            ids = self.sampler.sample(logits, [s.params for s in seqs], gens).tolist()
-            return SimpleNamespace(token_ids=ids, logprobs=[None] * len(ids))
         return self.sampler.sample_step(
             logits,
             [s.params for s in seqs],
             gens,
-            [s.token_ids[: s.num_prompt_tokens] if _penalised(s.params) else () for s in seqs],
-            [s.generated_ids if _penalised(s.params) else () for s in seqs],
+            [
+                s.token_ids[: s.num_prompt_tokens] if s.params.needs_token_history else ()
+                for s in seqs
+            ],
+            [s.generated_ids if s.params.needs_token_history else () for s in seqs],
         )
 
     def _drop_running(self) -> list[Sequence]:
@@ -273,7 +269,7 @@ class LLMEngine:
             seq.logprobs.append(logprob)
         self.generated_tokens += 1
         params = seq.params
-        may_stop = seq.num_generated >= getattr(params, "min_tokens", 0)
+        may_stop = seq.num_generated >= params.min_tokens
         is_stop_token = may_stop and (
             token in params.stop_token_ids
             or (token in self.eos_token_ids and not params.ignore_eos)
@@ -325,9 +321,7 @@ class LLMEngine:
                 completion_tokens=seq.num_generated,
             ),
             stop_reason=stop_reason,
-            logprobs=list(seq.logprobs)
-            if getattr(seq.params, "logprobs", None) is not None
-            else None,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
         )
 
     def _fail(self, seq: Sequence, exc: BaseException) -> SeqUpdate:
@@ -348,12 +342,3 @@ class LLMEngine:
             num_cascade_steps=self.runner.num_cascade_steps,
             recomputed_tokens=self.recomputed_tokens,
         )
-
-
-def _penalised(params: SamplingParams) -> bool:
-    """Whether the sampler needs this request's token history."""
-    return (
-        getattr(params, "repetition_penalty", 1.0) != 1.0
-        or getattr(params, "presence_penalty", 0.0) != 0.0
-        or getattr(params, "frequency_penalty", 0.0) != 0.0
-    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 from collections.abc import Iterable, Sequence
@@ -87,6 +88,9 @@ class DocumentIndex:
         self.skipped: list[SkippedFile] = []
         self.ingest_report: IngestReport | None = None
         self._fingerprint: str | None = None  # what a cached index was built from
+        # loaded passages whose chunk id was not yet recomputed from the engine's tokens
+        self._unverified: set[int] = set()
+        self._loaded_from: Path | None = None
 
     # ---- building ----------------------------------------------------------------------
 
@@ -222,7 +226,7 @@ class DocumentIndex:
         if path.is_symlink() or path.is_file():  # not ours: an entry is a real folder
             logger.warning("replacing %s, which is not a cached index folder", path)
             path.unlink()
-        elif DocumentIndex.exists(path):
+        elif os.path.lexists(path / store.MANIFEST):
             try:
                 saved = store.read_index(path)
                 if saved.fingerprint == fingerprint:
@@ -250,10 +254,14 @@ class DocumentIndex:
         """The `k` passages most similar to `query`, best first, with cosine similarities.
 
         Asking for more passages than the index holds returns all of them. The query is
-        embedded without holding the index's lock.
+        embedded without holding the index's lock. The first time a passage loaded from disk is
+        returned, its chunk id is recomputed from the engine's tokens of its text and compared
+        with the stored one (the retriever registers the text right after anyway).
 
         Raises:
             ValueError: an empty query, k <= 0, or an empty index.
+            DamagedIndexError (a ValueError): a loaded passage whose text does not give its
+                chunk id (the saved index was edited).
         """
         if not isinstance(query, str) or not query.strip():
             raise ValueError(f"query must be a non-empty string, got {query!r}")
@@ -264,11 +272,15 @@ class DocumentIndex:
         vector = self.embedder.embed([query])  # [1, dim]
         with self._lock:
             scores, ids = self._index.search(vector, min(k, self._index.ntotal))
-            return [
-                (_copy(self._passages[int(i)]), float(s))
+            hits = [
+                (int(i), _copy(self._passages[int(i)]), float(s))
                 for i, s in zip(ids[0], scores[0])
                 if i >= 0
             ]
+        for fid, p, _ in hits:
+            if fid in self._unverified:
+                self._verify_chunk_id(fid, p)
+        return [(p, score) for _, p, score in hits]
 
     def passages(self) -> list[Passage]:
         """Every indexed passage (copies), in insertion order."""
@@ -359,10 +371,12 @@ class DocumentIndex:
             )
         index = cls(engine, embedder)
         index._fingerprint = saved.fingerprint
+        index._loaded_from = saved.folder
         passages = {faiss_id(p.chunk_id): p for p in saved.passages}
         if saved.namespace == engine.registry.namespace:
             index._index = saved.faiss_index
             index._passages = passages
+            index._unverified = set(passages)
             return index
         # other model or tokenizer: other chunk ids; move the vectors to the new ids
         old_ids = list(passages)
@@ -381,6 +395,21 @@ class DocumentIndex:
         return index
 
     # ---- internals ---------------------------------------------------------------------
+
+    def _verify_chunk_id(self, fid: int, p: Passage) -> None:
+        """Recompute a loaded passage's chunk id from its tokens; DamagedIndexError if it
+        differs (the text was replaced and its digest forged)."""
+        chunk = self.engine.register_chunk(
+            p.text, ChunkType.RAG_RESULT, {**p.metadata, "source": p.source}
+        )
+        if chunk.id != p.chunk_id:
+            raise DamagedIndexError(
+                self._loaded_from or "?",
+                f"the passage from {p.source!r:.60} does not hash to its chunk id "
+                f"{p.chunk_id} (its text was replaced)",
+            )
+        with self._lock:
+            self._unverified.discard(fid)
 
     def _embed(self, texts: list[str], show_progress: bool) -> np.ndarray:
         """[len(texts), dim] float32, embedded in batches under a progress bar."""

@@ -30,8 +30,10 @@ Loading checks, before anything is used:
   tokenizer at every load (seconds per 10,000 passages), and it is impossible when the index is
   loaded under another model, whose namespace differs. The digest costs microseconds and does
   not depend on the engine. A chunk id edited in the manifest no longer matches the ids in the
-  vectors file, and the engine never takes KV by a stored id: retrieved text is registered again
-  by its own tokens.
+  vectors file. And since a digest can be recomputed by whoever edits the manifest, the
+  `DocumentIndex` also recomputes each loaded passage's chunk id from the engine's tokens the
+  first time a search returns it (the retriever registers that text right after anyway), so no
+  replaced text reaches a prompt under the id of another.
 Any failure raises one `DamagedIndexError` (a ValueError) that names the folder and says to
 re-run the ingest.
 
@@ -238,7 +240,7 @@ def _read_checked(folder: Path) -> SavedIndex:
         )
     try:
         index = faiss.deserialize_index(np.frombuffer(vectors, dtype=np.uint8))
-    except RuntimeError as exc:
+    except (RuntimeError, MemoryError) as exc:
         raise _Bad(f"{manifest['vectors']} is not a FAISS index ({str(exc)[:120]})") from None
     # deserialize_index returns the concrete class and owns it (a downcast_index wrapper
     # would not own it, and the index would be freed under us)
@@ -321,7 +323,11 @@ def _check_manifest(m: Any) -> None:
     _expect(_is_int(emb["dim"]) and 0 < emb["dim"] <= _MAX_DIM, "embedder.dim", "a dimension")
     _expect(isinstance(emb["identity"], str) and emb["identity"], "embedder.identity", "a string")
     _expect(isinstance(m["namespace"], str) and m["namespace"], "namespace", "a string")
-    _expect(m["fingerprint"] is None or isinstance(m["fingerprint"], str), "fingerprint", "str")
+    _expect(
+        m["fingerprint"] is None or isinstance(m["fingerprint"], str),
+        "fingerprint",
+        "a string or null",
+    )
     vectors = m["vectors"]
     if not isinstance(vectors, str) or not _VECTORS_NAME.fullmatch(vectors):
         raise _Bad(
@@ -337,14 +343,16 @@ def _check_manifest(m: Any) -> None:
         _expect(isinstance(p, dict), where, "an object")
         _keys(p, _PASSAGE_KEYS, where)
         cid = p["chunk_id"]
-        _expect(isinstance(cid, str) and _HEX32.fullmatch(cid), f"{where}.chunk_id", "32 hex")
+        _expect(
+            isinstance(cid, str) and _HEX32.fullmatch(cid), f"{where}.chunk_id", "32 hex digits"
+        )
         _expect(isinstance(p["source"], str), f"{where}.source", "a string")
-        _expect(isinstance(p["text"], str) and p["text"].strip(), f"{where}.text", "text")
+        _expect(isinstance(p["text"], str) and p["text"].strip(), f"{where}.text", "non-blank text")
         meta = p["metadata"]
         _expect(
             isinstance(meta, dict) and all(isinstance(k, str) for k in meta),
             f"{where}.metadata",
-            "an object",
+            "an object with string keys",
         )
         _expect(isinstance(p["sha256"], str), f"{where}.sha256", "a string")
         if p["sha256"] != passage_digest(cid, p["source"], p["text"], meta):

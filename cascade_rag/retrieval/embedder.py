@@ -16,6 +16,7 @@ This module does not index or store vectors (see `index.py`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -245,7 +246,8 @@ def _write_sidecar(sidecar: Path, root: Path, digests: dict) -> None:
         os.replace(tmp, sidecar)
     except OSError as exc:  # a read-only cache: hash again next time
         logger.debug("cannot write the embedder digest sidecar %s: %s", sidecar, exc)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _hub_snapshot(name: str) -> Path | None:

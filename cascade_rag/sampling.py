@@ -162,13 +162,9 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0,
         )
-        put(
-            "_plain_greedy",
-            self.is_greedy
-            and not self._penalised
-            and not self.min_tokens
-            and self.logprobs is None,
-        )
+        # Argmax of the raw logits is this row's token (logprobs aside): nothing to redo.
+        put("_argmax_only", self.is_greedy and not self._penalised and not self.min_tokens)
+        put("_plain_greedy", self._argmax_only and self.logprobs is None)
 
     @property
     def is_greedy(self) -> bool:
@@ -453,9 +449,10 @@ class Sampler:
         sub_rows: list[int] = []
         sampled: list[int] = []
         penalised: list[int] = []
-        masked_pos: list[int] = []  # one entry per masked id
-        masked_ids: list[int] = []
+        masked_ids: list[int] = []  # masked (position, id) pairs, as position * vocab + id
         for i, p in enumerate(params):
+            if p._argmax_only:
+                continue
             mask = ()
             if p.min_tokens and len(output_ids[i]) < p.min_tokens:
                 mask = p.stop_token_ids if p.ignore_eos else p.stop_token_ids + self.eos_token_ids
@@ -468,18 +465,15 @@ class Sampler:
             if p._penalised:
                 penalised.append(pos)
             if mask:
-                masked_pos.extend([pos] * len(mask))
-                masked_ids.extend(mask)
+                if max(mask) >= vocab:
+                    raise ValueError(
+                        f"row {i}: stop or EOS token id {max(mask)} is outside the vocabulary of "
+                        f"{vocab} tokens; check SamplingParams.stop_token_ids with check_vocab "
+                        "and the sampler's eos_token_ids"
+                    )
+                masked_ids.extend(pos * vocab + t for t in mask)
         if not sub_rows:
             return next_ids
-        if masked_ids and max(masked_ids) >= vocab:
-            bad = max(masked_ids)
-            raise ValueError(
-                f"stop or EOS token id {bad} is outside the vocabulary of {vocab} tokens; "
-                "check SamplingParams.stop_token_ids with check_vocab and the sampler's "
-                "eos_token_ids"
-            )
-
         # Everything this step needs from the host, in one int64 and one float32 copy.
         ints, floats = _HostPack(np.int64), _HostPack(np.float32)
         i_rows = ints.add(sub_rows)
@@ -491,15 +485,16 @@ class Sampler:
                 for j, p in zip(penalised, pen_params)
             ]
             i_pen = ints.add(penalised)
-            i_out_lens = ints.add([len(s) for s in out_seqs])
-            i_out = ints.add(itertools.chain.from_iterable(out_seqs))
-            i_prompt_lens = ints.add([len(s) for s in prompt_seqs])
-            i_prompt = ints.add(itertools.chain.from_iterable(prompt_seqs))
+            # row * vocab + id of every output / prompt token, row = position among penalised
+            i_out = ints.add(_flat_token_index(out_seqs, vocab, "output_ids", penalised, sub_rows))
+            i_prompt = ints.add(
+                _flat_token_index(prompt_seqs, vocab, "prompt_ids", penalised, sub_rows)
+            )
             f_rep = floats.add([p.repetition_penalty for p in pen_params])
             f_freq = floats.add([p.frequency_penalty for p in pen_params])
             f_pres = floats.add([p.presence_penalty for p in pen_params])
         if masked_ids:
-            i_mask_pos, i_mask_ids = ints.add(masked_pos), ints.add(masked_ids)
+            i_mask = ints.add(masked_ids)
         if sampled:
             s_params = [params[sub_rows[j]] for j in sampled]
             i_sampled = ints.add(sampled)
@@ -511,14 +506,6 @@ class Sampler:
             # top_p 1.0 keeps every token (a rounded cumulative sum could reach 1 early).
             f_top_p = floats.add([p.top_p if p.top_p < 1.0 else 2.0 for p in s_params])
             f_min_p = floats.add([p.min_p for p in s_params])
-        if penalised:
-            host = ints.freeze()
-            token_ids = np.concatenate([host[i_out], host[i_prompt]])
-            if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocab):
-                raise ValueError(
-                    f"a penalised row's prompt_ids/output_ids hold token id {token_ids.max()} "
-                    f"or {token_ids.min()}, outside the vocabulary of {vocab} tokens"
-                )
         int_t, float_t = ints.to(device), floats.to(device)
 
         # x: [num_sub_rows, vocab] float32, this step's logits of the redone rows.
@@ -529,18 +516,13 @@ class Sampler:
             xp = x[pen] if num_pen < len(sub_rows) else x
             # counts: [num_pen, vocab], occurrences of each token in each row's output
             counts = torch.zeros(num_pen * vocab, dtype=torch.float32, device=device)
-            row_base = torch.arange(num_pen, device=device) * vocab
-            out_flat = int_t[i_out] + torch.repeat_interleave(
-                row_base, int_t[i_out_lens], output_size=i_out.stop - i_out.start
-            )
-            counts.index_put_((out_flat,), torch.ones((), device=device), accumulate=True)
+            out_flat = int_t[i_out]
+            # float adds of 1.0: exact in any order, so atomics do not make counts vary
+            counts.index_add_(0, out_flat, torch.ones(out_flat.shape, device=device))
             counts = counts.view(num_pen, vocab)
             if any(p.repetition_penalty != 1.0 for p in pen_params):
                 seen = (counts > 0).view(-1)
-                prompt_flat = int_t[i_prompt] + torch.repeat_interleave(
-                    row_base, int_t[i_prompt_lens], output_size=i_prompt.stop - i_prompt.start
-                )
-                seen[prompt_flat] = True
+                seen.index_fill_(0, int_t[i_prompt], True)  # a Scalar fill: no host copy
                 rep = float_t[f_rep][:, None]
                 repeated = torch.where(xp > 0, xp / rep, xp * rep)
                 xp = torch.where(seen.view(num_pen, vocab), repeated, xp)
@@ -554,7 +536,7 @@ class Sampler:
             else:
                 x = xp
         if masked_ids:
-            x[int_t[i_mask_pos], int_t[i_mask_ids]] = -math.inf
+            x.view(-1).index_fill_(0, int_t[i_mask], -math.inf)
         picked = torch.argmax(x, dim=-1)
 
         if sampled:
@@ -584,32 +566,42 @@ class _HostPack:
     """Per-step values gathered on the host, moved to the device in one copy."""
 
     def __init__(self, dtype: type) -> None:
-        self._parts: list[Iterable] = []
+        self._parts: list[np.ndarray] = []
         self._dtype = dtype
         self._size = 0
-        self.host: np.ndarray | None = None
 
-    def add(self, values: Iterable) -> slice:
-        if not isinstance(values, Sequence):
-            values = list(values)
+    def add(self, values: Sequence | np.ndarray) -> slice:
+        """Append `values`; returns where they lie in the tensor that `to` returns."""
+        part = np.asarray(values, dtype=self._dtype)
         start = self._size
-        self._parts.append(values)
-        self._size += len(values)
-        self.host = None
+        self._parts.append(part)
+        self._size += part.size
         return slice(start, self._size)
 
-    def freeze(self) -> np.ndarray:
-        if self.host is None:
-            self.host = np.fromiter(
-                itertools.chain.from_iterable(self._parts), dtype=self._dtype, count=self._size
-            )
-        return self.host
-
     def to(self, device: torch.device) -> torch.Tensor:
-        tensor = torch.from_numpy(self.freeze())
+        tensor = torch.from_numpy(
+            np.concatenate(self._parts) if self._parts else np.zeros(0, self._dtype)
+        )
         if device.type == "cuda":  # pinned + non_blocking: no wait for the queued forward pass
             return tensor.pin_memory().to(device, non_blocking=True)
         return tensor.to(device)
+
+
+def _flat_token_index(
+    seqs: list[Sequence[int]], vocab: int, what: str, positions: list[int], sub_rows: list[int]
+) -> np.ndarray:
+    """int64 `j * vocab + id` for every id of `seqs[j]`, built with numpy (no per-token loop)."""
+    lengths = np.fromiter((len(ids) for ids in seqs), dtype=np.int64, count=len(seqs))
+    ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        for j, row_ids in enumerate(seqs):
+            bad = [t for t in row_ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(
+                    f"row {sub_rows[positions[j]]}: {what} holds token id {bad[0]}, outside the "
+                    f"vocabulary of {vocab} tokens"
+                )
+    return ids + np.repeat(np.arange(len(seqs), dtype=np.int64) * vocab, lengths)
 
 
 def _check_batch(

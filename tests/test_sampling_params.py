@@ -192,7 +192,7 @@ def test_check_vocab():
 def test_replace_revalidates_and_derived_flags_are_not_fields():
     params = SamplingParams(temperature=0.7, presence_penalty=0.5)
     names = {f.name for f in dataclasses.fields(params)}
-    assert "_penalised" not in names and "_plain_greedy" not in names
+    assert not {"_penalised", "_plain_greedy", "_argmax_only"} & names
     assert dataclasses.replace(params, presence_penalty=0.0).needs_token_history is False
     with pytest.raises(ValueError, match="presence_penalty=3"):
         dataclasses.replace(params, presence_penalty=3)

@@ -447,5 +447,15 @@ def test_sample_step_argument_errors():
     with pytest.raises(ValueError, match="token id 9 is outside the vocabulary of 5"):
         Sampler([9]).sample_step(logits[:1], [SamplingParams(min_tokens=1)], [None], [()], [()])
     penalised = SamplingParams(repetition_penalty=1.5)
-    with pytest.raises(ValueError, match="token id 7 or 0, outside the vocabulary of 5"):
+    with pytest.raises(
+        ValueError, match="row 0: prompt_ids holds token id 7, outside the vocabulary of 5 tokens"
+    ):
         Sampler().sample_step(logits[:1], [penalised], [None], [[0, 7]], [()])
+    with pytest.raises(ValueError, match="row 1: output_ids holds token id -1"):
+        Sampler().sample_step(
+            logits,
+            [SamplingParams(), SamplingParams(frequency_penalty=1.0)],
+            [None] * 2,
+            [(), ()],
+            [(), [2, -1]],
+        )

@@ -232,7 +232,7 @@ def _embedder(args: argparse.Namespace):
     from cascade_rag.retrieval import Embedder
 
     _quiet_model_loading()
-    return Embedder(args.embedder, device=args.device)
+    return Embedder(args.embedder, device=args.device, cache_dir=args.cache_dir)
 
 
 def _quiet_model_loading() -> None:

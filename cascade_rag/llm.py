@@ -274,7 +274,9 @@ class CascadeEngine:
         self.vocab_size = self.model_config.vocab_size
         mc_len = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or mc_len, mc_len)
-        namespace = f"{self.model.model_id}|{type(self.tokenizer).__name__}:{len(self.tokenizer)}"
+        # content digest of weights, config and tokenizer: the same model gives the same chunk
+        # ids on every machine, whatever its folder is called
+        namespace = f"{self.model.digest}|{type(self.tokenizer).__name__}:{len(self.tokenizer)}"
         self.registry = ChunkRegistry(
             namespace,
             capacity=config.chunk_registry_capacity,
@@ -341,11 +343,6 @@ class CascadeEngine:
         """Tokenize and chunk without registering anything (see `prepare`)."""
         if isinstance(prompt, PreparedPrompt):
             self._check_token_ids(prompt.token_ids, "prompt")
-            if not self.config.enable_chunk_cache and prompt.chunks:
-                return PreparedPrompt(chunks=(), tail_ids=tuple(prompt.token_ids))
-            with self._compose_lock:
-                chunks = tuple(self.registry.adopt(c) for c in prompt.chunks)
-            return PreparedPrompt(chunks=chunks, tail_ids=prompt.tail_ids)
         with self._compose_lock:
             prepared = self.composer.prepare(prompt, register=False)
         self._check_token_ids(prepared.token_ids, "prompt")
@@ -566,7 +563,7 @@ def _deliver(request: _Request, item) -> None:
 
 
 def _is_batch(prompts) -> bool:
-    if isinstance(prompts, (str, Composition, PreparedPrompt)):
+    if isinstance(prompts, (str, bytes, bytearray, Composition, PreparedPrompt)):
         return False
     if isinstance(prompts, Sequence) and prompts and all(isinstance(p, Mapping) for p in prompts):
         return False  # one list of chat messages

@@ -85,6 +85,7 @@ class WordHashEmbedder:
     """
 
     name = "word-hash-64"
+    identity = "word-hash-64"  # content identity: the hashing scheme is the whole model
     dim = 64
     batch_size = 32
 

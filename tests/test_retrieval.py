@@ -7,7 +7,6 @@ Larkhaven documents are indexed once. Tests that change an index build their own
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import pathlib
 from pathlib import Path

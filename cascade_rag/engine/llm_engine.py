@@ -251,7 +251,7 @@ class LLMEngine:
             [s.params for s in seqs],
             gens,
             [
-                s.token_ids[: s.num_prompt_tokens] if s.params.needs_token_history else ()
+                s.token_ids[: s.num_prompt_tokens] if s.params.repetition_penalty != 1.0 else ()
                 for s in seqs
             ],
             [s.generated_ids if s.params.needs_token_history else () for s in seqs],

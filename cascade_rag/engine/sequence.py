@@ -31,7 +31,10 @@ class PreparedPrompt:
     tail_ids: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        assert self.tail_ids, "a prompt ends with at least one private token"
+        if not self.tail_ids:  # a caller may build one by hand
+            raise ValueError(
+                "PreparedPrompt.tail_ids is empty; a prompt ends with at least one private token"
+            )
 
     @property
     def token_ids(self) -> list[int]:

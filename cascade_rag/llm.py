@@ -17,11 +17,14 @@ import queue
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import fields, replace
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, fields, replace
 
 from cascade_rag.chunks import Chunk, ChunkRegistry, ChunkType
 from cascade_rag.composition import Composition, PromptComposer
 from cascade_rag.config import EngineConfig
+from cascade_rag.engine.kv_cache import ChunkNodeInfo, OutOfPagesError
 from cascade_rag.engine.llm_engine import LLMEngine, SeqUpdate
 from cascade_rag.engine.sequence import PreparedPrompt, SequenceStatus
 from cascade_rag.outputs import EngineStats, GenerationOutput, StreamDelta
@@ -37,6 +40,24 @@ class EngineClosedError(RuntimeError):
 
 
 _POLL_S = 0.25  # how often a waiting caller checks that the worker is still alive
+_PIN_ATTEMPTS = 3  # compute-then-pin rounds before giving up (eviction between the two)
+
+
+@dataclass(frozen=True)
+class ChainInfo:
+    """A chain of chunks as a request composes it, after `pin`, `unpin` or `precompute`.
+
+    Attributes:
+        chunk_ids: the chain, the system prompt chunk first, then the chunks in order.
+        num_tokens: tokens over the chain.
+        computed_tokens: chain tokens whose KV this call computed (0 when all were cached).
+        pins: how many times this exact chain is pinned now.
+    """
+
+    chunk_ids: tuple[str, ...]
+    num_tokens: int
+    computed_tokens: int
+    pins: int
 
 
 class _Request:
@@ -80,6 +101,8 @@ class _Worker:
         self.thread: threading.Thread | None = None
         self.snapshot: EngineStats | None = None
         self.by_seq: dict[int, _Request] = {}
+        # (fn, future): fn(core) runs on the worker thread between steps, under core_lock
+        self.controls: list[tuple[Callable[[LLMEngine], object], Future]] = []
 
     # ---- called from any thread --------------------------------------------------------
 
@@ -88,12 +111,28 @@ class _Worker:
             if self.closed:
                 raise EngineClosedError("the engine is closed")
             self.inbox.extend(requests)
-            if self.thread is None:
-                self.thread = threading.Thread(
-                    target=self.run, name="cascade-rag-engine", daemon=True
-                )
-                self.thread.start()
+            self._start_locked()
             self.wake.notify_all()
+
+    def call(self, fn: Callable[[LLMEngine], object]) -> Future:
+        """Run `fn(core)` on the worker thread before its next step; returns its future.
+
+        The engine core is only touched by the worker thread, so this is how the front end
+        reads or changes the KV cache (pins, removals) without racing a step.
+        """
+        future: Future = Future()
+        with self.wake:
+            if self.closed:
+                raise EngineClosedError("the engine is closed")
+            self.controls.append((fn, future))
+            self._start_locked()
+            self.wake.notify_all()
+        return future
+
+    def _start_locked(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.run, name="cascade-rag-engine", daemon=True)
+            self.thread.start()
 
     def abort(self, request: _Request) -> None:
         """Stop a request; returns at once (the worker drops it before its next step)."""
@@ -140,19 +179,35 @@ class _Worker:
         finally:
             with self.core_lock:
                 self._end_all(EngineClosedError("the engine was closed"))
+            with self.wake:
+                controls, self.controls = self.controls, []
+            for _, future in controls:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(EngineClosedError("the engine was closed"))
 
     def _one_step(self) -> bool:
         with self.wake:
             while (
-                not self.inbox and not self.aborts and not self.closed and not self.core.has_work()
+                not self.inbox
+                and not self.aborts
+                and not self.controls
+                and not self.closed
+                and not self.core.has_work()
             ):
                 self.wake.wait()
             if self.closed:
                 return False
             new, self.inbox = self.inbox, []
             aborts, self.aborts = self.aborts, []
+            controls, self.controls = self.controls, []
         updates = []
         with self.core_lock:
+            for fn, future in controls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(self.core))
+                    except Exception as exc:  # noqa: BLE001 - the caller gets its own error
+                        future.set_exception(exc)
             try:
                 for req in new:
                     self._admit(req)
@@ -548,6 +603,153 @@ class CascadeEngine:
             delta = _to_delta(self._get(sink))
             if delta.output is not None:
                 return delta.output
+
+    # ---- chunk KV management -----------------------------------------------------------
+    #
+    # A chunk's KV is only valid after the exact chain of chunks before it (the KV cache is
+    # a prefix tree), so these methods take a chain as a request composes it: the system
+    # prompt chunk, then `chunks` in order, exactly as in `Composition(system=..., chunks=...)`.
+    # They run on the worker thread between two steps (`_Worker.call`).
+
+    def precompute(
+        self, chunks: Sequence[Chunk | str], system: str | Chunk | None = None
+    ) -> ChainInfo:
+        """Compute the KV of a chain of chunks now, so later requests find it cached.
+
+        Args:
+            chunks: `Chunk`s, `ChunkId`s or text, in prompt order (as `Composition.chunks`).
+            system: the system prompt (text or a SYSTEM_PROMPT chunk); None uses the chat
+                template's default, as a `Composition` without one does.
+
+        Returns:
+            the chain; `computed_tokens` is 0 when its KV was already cached.
+
+        A chain that is not cached is computed by a one-token request (the chain plus one
+        private token), counted in `stats()` like any request. Cached KV may be evicted
+        later under memory pressure unless the chain is pinned (`pin`).
+
+        Example:
+            >>> doc = engine.register_chunk("Plum is the capital of Zorbia.")
+            >>> engine.precompute([doc], system="Answer briefly.").computed_tokens > 0
+            True
+        """
+        chain = self._chain(chunks, system)
+        computed = self._compute_chain(chain)
+        ids = tuple(c.id for c in chain)
+        pins = self._control(lambda core: core.kv.held_chains().get(ids, 0))
+        return ChainInfo(ids, sum(len(c) for c in chain), computed, pins)
+
+    def pin(self, chunks: Sequence[Chunk | str], system: str | Chunk | None = None) -> ChainInfo:
+        """Keep a chain's KV cached until `unpin`: it is computed if needed, then never evicted.
+
+        What is pinned is the chain [system prompt chunk, *chunks] as a request composes it,
+        not a chunk alone: the KV of a chunk after another system prompt or other chunks is
+        another cache entry. Requests whose composition starts with this chain reuse it.
+        Pins are counted: each `pin` needs its own `unpin`. Pinned KV takes pages from the
+        pool for good; `clear_cache()` does not free it.
+
+        Args:
+            chunks, system: the chain, as in `precompute`.
+
+        Raises:
+            ValueError: the chunk cache is off, or the chain does not fit the context.
+            OutOfPagesError: the chain's KV was evicted again before it could be pinned (a
+                pool too small for it and the running requests).
+
+        Example:
+            >>> engine.pin([doc], system="Answer briefly.").pins
+            1
+        """
+        chain = self._chain(chunks, system)
+        ids = tuple(c.id for c in chain)
+        computed = 0
+        for _ in range(_PIN_ATTEMPTS):
+            pins = self._control(lambda core: core.kv.hold_chain(ids))
+            if pins is not None:
+                return ChainInfo(ids, sum(len(c) for c in chain), computed, pins)
+            computed += self._compute_chain(chain)
+        raise OutOfPagesError(
+            f"the chain of {len(ids)} chunk(s) was evicted again before it could be pinned; "
+            "raise kv_cache_tokens or run fewer requests at once"
+        )
+
+    def unpin(self, chunks: Sequence[Chunk | str], system: str | Chunk | None = None) -> ChainInfo:
+        """Undo one `pin` of the same chain; its KV stays cached but may be evicted again.
+
+        Raises:
+            ValueError: the chain is not pinned.
+        """
+        chain = self._chain(chunks, system, register=False)
+        ids = tuple(c.id for c in chain)
+        pins = self._control(lambda core: core.kv.release_chain(ids))
+        return ChainInfo(ids, sum(len(c) for c in chain), 0, pins)
+
+    def pinned_chains(self) -> dict[tuple[str, ...], int]:
+        """Every pinned chain (chunk ids, the system prompt chunk first) and its pin count."""
+        return self._control(lambda core: core.kv.held_chains())
+
+    def cached_chunks(self) -> list[ChunkNodeInfo]:
+        """Every chunk KV entry in the cache: chunk, the chain it follows, pins and users."""
+        return self._control(lambda core: core.kv.node_infos())
+
+    def delete_chunk(self, chunk_id: str) -> int:
+        """Drop the KV of a chunk after every chain, and of everything cached after it.
+
+        The chunk itself stays registered (registering is a content-addressed lookup; the
+        registry forgets unused chunks by itself). Returns the KV pages freed.
+
+        Raises:
+            ChunkInUseError: a pinned chain or a running request uses that KV (nothing is
+                dropped then); unpin or retry.
+        """
+        if not isinstance(chunk_id, str):
+            raise TypeError(f"chunk_id must be a str, got {type(chunk_id).__name__}")
+        _, freed = self._control(lambda core: core.kv.remove_chunk(chunk_id))
+        return freed
+
+    def _chain(
+        self, chunks: Sequence[Chunk | str], system: str | Chunk | None, register: bool = True
+    ) -> tuple[Chunk, ...]:
+        """The chunks a `Composition(system=system, chunks=chunks)` request starts with."""
+        if isinstance(chunks, (str, bytes, Chunk)) or not isinstance(chunks, Sequence):
+            raise TypeError(
+                f"chunks must be a list of Chunk, ChunkId or str, got {type(chunks).__name__}"
+            )
+        if not self.config.enable_chunk_cache:
+            raise ValueError(
+                "the chunk cache is off (enable_chunk_cache=False): there is no chunk KV to "
+                "pin or precompute"
+            )
+        probe = Composition(query=".", chunks=list(chunks), system=system)
+        prepared = self.prepare(probe) if register else self._prepare(probe)
+        if not prepared.chunks:
+            raise ValueError("the chain is empty; pass at least one chunk or a system prompt")
+        n = len(prepared.token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the chain has {n - len(prepared.tail_ids)} tokens but the model's context is "
+                f"{self.max_model_len}; pass fewer chunks"
+            )
+        return prepared.chunks
+
+    def _compute_chain(self, chain: tuple[Chunk, ...]) -> int:
+        """Compute the chain's KV if any of it is missing; returns the tokens computed."""
+        ids = tuple(c.id for c in chain)
+        if len(self._control(lambda core: core.kv.find_chain(ids))) == len(ids):
+            return 0
+        # one private token after the chain: a request's last prompt token is its own
+        probe = PreparedPrompt(chunks=chain, tail_ids=(chain[-1].token_ids[-1],))
+        out = self.generate(probe, SamplingParams(max_tokens=1))
+        return out.usage.prompt_tokens - len(probe.tail_ids) - out.usage.cached_tokens
+
+    def _control(self, fn: Callable[[LLMEngine], object]):
+        """`fn(core)` run by the worker thread; its result, or its exception raised here."""
+        future = self._worker.call(fn)
+        while True:
+            try:
+                return future.result(timeout=_POLL_S)
+            except FutureTimeout:
+                self._check_alive()
 
 
 def _ignore(item) -> None:

@@ -17,6 +17,11 @@ for every page index, the page of the deepest owner that covers it, so in every 
 only the last page can be partial. Two requests with the same page id at the same index share
 identical KV; that is what the cascade grouping relies on.
 
+Pinned chains. A node's KV is only valid after its exact chain, so what can be kept from
+eviction is a chain: `hold_chain(chunk_ids)` pins every node of [chunk 1, ..., chunk n] (the
+system prompt chunk first, as a request composes it) until `release_chain`, counting how many
+times each chain is held. Eviction already never frees a pinned node or an ancestor of one.
+
 This module does bookkeeping only: it allocates, pins and evicts pages and nodes. It never
 computes KV (the model runner does) and never decides grouping (the model runner does).
 """
@@ -33,6 +38,10 @@ from cascade_rag.chunks import Chunk, ChunkRegistry
 
 class OutOfPagesError(RuntimeError):
     """The page pool cannot satisfy an allocation, even after evicting unused chunks."""
+
+
+class ChunkInUseError(RuntimeError):
+    """A chunk's KV cannot be removed: a pinned chain or a running request uses it."""
 
 
 class PagePool:
@@ -116,6 +125,7 @@ class ChunkNode:
     ready: bool = True  # False while the step that computes it is running
     last_used: int = 0
     node_id: int = field(default_factory=lambda: next(_node_ids))
+    holds: int = 0  # pinned chains through this node (`hold_chain`); included in `pins`
 
     @property
     def num_tokens(self) -> int:
@@ -133,6 +143,34 @@ class KVCacheStats:
     hit_tokens: int
     miss_tokens: int
     evicted_nodes: int
+
+
+@dataclass(frozen=True)
+class ChunkNodeInfo:
+    """A snapshot of one chunk node (`ChunkKVCache.node_infos`).
+
+    Attributes:
+        chunk_id: the node's chunk.
+        chunk_type: its `ChunkType` value ("rag_result", "system_prompt", ...).
+        chain: chunk ids from the root to this node, this one last: the exact chain its KV
+            was computed after.
+        start: position of the chunk's first token in every request that reuses the node.
+        num_tokens: the chunk's tokens.
+        num_pages: pages the node owns (its boundary page included).
+        pins: pinned chains that go through the node (`hold_chain`).
+        users: running requests that use the node now.
+        ready: False while the step that computes it runs.
+    """
+
+    chunk_id: str
+    chunk_type: str
+    chain: tuple[str, ...]
+    start: int
+    num_tokens: int
+    num_pages: int
+    pins: int
+    users: int
+    ready: bool
 
 
 class ChunkKVCache:
@@ -155,6 +193,7 @@ class ChunkKVCache:
         self.hit_tokens = 0
         self.miss_tokens = 0
         self.evicted_nodes = 0
+        self._held: dict[tuple[str, ...], int] = {}  # chain of chunk ids -> times held
 
     # ---- pages -------------------------------------------------------------------------
 
@@ -330,3 +369,119 @@ class ChunkKVCache:
             node = stack.pop()
             yield node
             stack.extend(node.children.values())
+
+    # ---- pinned chains and removal (called by the engine's worker thread only) ----------
+
+    def find_chain(self, chunk_ids: list[str] | tuple[str, ...]) -> list[ChunkNode]:
+        """The ready nodes along `chunk_ids` from the root, up to the first missing one.
+
+        The chain's KV is fully cached when the list is as long as `chunk_ids`.
+        """
+        node, nodes = self.root, []
+        for chunk_id in chunk_ids:
+            child = node.children.get(chunk_id)
+            if child is None or not child.ready:
+                break
+            nodes.append(child)
+            node = child
+        return nodes
+
+    def hold_chain(self, chunk_ids: list[str] | tuple[str, ...]) -> int | None:
+        """Pin the chain's nodes until `release_chain`; returns how often it is held now.
+
+        Returns None (and pins nothing) when the chain's KV is not fully cached: compute it
+        first. A held node is never evicted, and neither are its ancestors.
+        """
+        key = tuple(chunk_ids)
+        if not key:
+            raise ValueError("hold_chain() needs at least one chunk id")
+        nodes = self.find_chain(key)
+        if len(nodes) < len(key):
+            return None
+        for node in nodes:
+            node.pins += 1
+            node.holds += 1
+        self._held[key] = self._held.get(key, 0) + 1
+        return self._held[key]
+
+    def release_chain(self, chunk_ids: list[str] | tuple[str, ...]) -> int:
+        """Undo one `hold_chain` of this exact chain; returns how often it stays held.
+
+        Raises:
+            ValueError: the chain is not held (it was never pinned, or unpinned as often).
+        """
+        key = tuple(chunk_ids)
+        count = self._held.get(key, 0)
+        if count == 0:
+            raise ValueError(
+                f"the chain of {len(key)} chunk(s) ending with {key[-1] if key else None!r} is "
+                "not pinned; pin it first (unpin takes the same system prompt and chunks)"
+            )
+        nodes = self.find_chain(key)
+        assert len(nodes) == len(key), "a held chain is never evicted"
+        for node in nodes:
+            assert node.holds > 0 and node.pins >= node.holds, "holds are counted in pins"
+            node.holds -= 1
+            node.pins -= 1
+            node.last_used = next(self._clock)
+        if count == 1:
+            del self._held[key]
+        else:
+            self._held[key] = count - 1
+        return count - 1
+
+    def held_chains(self) -> dict[tuple[str, ...], int]:
+        """Every held chain and how often it is held."""
+        return dict(self._held)
+
+    def remove_chunk(self, chunk_id: str) -> tuple[int, int]:
+        """Remove every node of `chunk_id` and the nodes after it (whose KV was computed
+        after it); returns (nodes removed, pages freed).
+
+        Raises:
+            ChunkInUseError: one of those nodes is pinned, used by a running request or being
+                computed; nothing is removed then.
+        """
+        doomed: dict[int, ChunkNode] = {}
+        stack = [n for n in self.iter_nodes() if n.chunk.id == chunk_id]
+        while stack:
+            node = stack.pop()
+            if node.node_id not in doomed:
+                doomed[node.node_id] = node
+                stack.extend(node.children.values())
+        busy = [n for n in doomed.values() if n.pins or not n.ready]
+        if busy:
+            held = sum(n.holds for n in busy)
+            raise ChunkInUseError(
+                f"chunk {chunk_id!r} has KV in use: {len(busy)} of its {len(doomed)} cached "
+                f"node(s) are pinned ({held} pin(s)) or used by running requests; unpin its "
+                "chains, or retry when the requests finish"
+            )
+        freed = 0
+        for node in sorted(doomed.values(), key=lambda n: -n.start):  # children first
+            freed += len(node.pages)
+            self._remove(node)
+        return len(doomed), freed
+
+    def node_infos(self) -> list[ChunkNodeInfo]:
+        """A snapshot of every node, parents before children."""
+        infos: list[ChunkNodeInfo] = []
+        stack = [(n, ()) for n in reversed(list(self.root.children.values()))]
+        while stack:
+            node, before = stack.pop()
+            chain = (*before, node.chunk.id)
+            infos.append(
+                ChunkNodeInfo(
+                    chunk_id=node.chunk.id,
+                    chunk_type=node.chunk.type.value,
+                    chain=chain,
+                    start=node.start,
+                    num_tokens=node.num_tokens,
+                    num_pages=len(node.pages),
+                    pins=node.holds,
+                    users=node.pins - node.holds,
+                    ready=node.ready,
+                )
+            )
+            stack.extend((c, chain) for c in reversed(list(node.children.values())))
+        return infos

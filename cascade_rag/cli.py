@@ -4,6 +4,7 @@
     cascade-rag ask QUESTION [--index PATH | --docs FOLDER] [-k 3] [--max-tokens N]
     cascade-rag chat [--index PATH | --docs FOLDER] [-k 3] [--max-tokens N] [--history-turns N]
     cascade-rag demo
+    cascade-rag serve [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     cascade-rag --version
 
 Every command that loads the LLM takes --device (cpu, cuda, cuda:N) and --dtype (auto,
@@ -174,6 +175,47 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from cascade_rag.serving import API_KEY_ENV, ServerConfig, run_server
+    except ImportError as exc:
+        _print_error(
+            ImportError(
+                f"`serve` needs the server extra ({exc}): pip install 'cascade-rag[server]'"
+            )
+        )
+        return EXIT_ERROR
+    from cascade_rag.llm import CascadeEngine
+
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        served_model_name=args.served_model_name,
+        max_queued_requests=args.max_queued_requests,
+        max_tokens_limit=args.max_tokens_limit,
+        max_request_bytes=args.max_request_bytes,
+        max_chunks=args.max_chunks,
+        drain_timeout_s=args.drain_timeout,
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )  # checked before the model loads
+    _quiet_model_loading()
+    with CascadeEngine(
+        args.model,
+        kv_cache_tokens=args.kv_cache_tokens,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+    ) as engine:
+        run_server(engine, config)
+    return 0
+
+
 # ---- shared pieces -------------------------------------------------------------------------
 
 
@@ -326,33 +368,34 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    llm = argparse.ArgumentParser(add_help=False)  # the LLM's options (serve has only these)
+    llm.add_argument(
         "--model", default=None, help="LLM folder or .gguf (default: SmolLM2-135M-Instruct)"
     )
-    common.add_argument(
-        "--embedder", default=None, help="sentence-transformers folder (default: all-MiniLM-L6-v2)"
-    )
-    common.add_argument(
+    llm.add_argument(
         "--cache-dir",
         default=None,
         help="converted models and cached indexes (default: $CASCADE_RAG_CACHE or "
         "~/.cache/cascade_rag)",
     )
-    common.add_argument(
+    llm.add_argument(
         "--kv-cache-tokens", type=_positive, default=16384, help="KV cache size in tokens"
     )
-    common.add_argument(
+    llm.add_argument(
         "--device",
         type=_device,
         default="cpu",
         help="where the LLM and embedder run: cpu, cuda or cuda:N",
     )
-    common.add_argument(
+    llm.add_argument(
         "--dtype",
         choices=DTYPES,
         default="auto",
         help="weights and KV dtype; auto is float32 on the CPU, bfloat16 on CUDA",
+    )
+    common = argparse.ArgumentParser(add_help=False, parents=[llm])
+    common.add_argument(
+        "--embedder", default=None, help="sentence-transformers folder (default: all-MiniLM-L6-v2)"
     )
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -435,6 +478,58 @@ def _parser() -> argparse.ArgumentParser:
         help="answer bundled questions over the bundled Larkhaven documents in one batch",
     )
     p.set_defaults(run=_demo)
+
+    p = commands.add_parser(
+        "serve",
+        parents=[llm],
+        help="serve the LLM over an OpenAI-compatible HTTP API (chat, completions, chunks, "
+        "metrics)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (only this machine)")
+    p.add_argument("--port", type=_non_negative, default=8000, help="TCP port")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every request but /health (default: "
+        "$CASCADE_RAG_API_KEY; none if unset)",
+    )
+    p.add_argument(
+        "--served-model-name", default=None, help="the model name clients send (default: its file)"
+    )
+    p.add_argument("--max-model-len", type=_positive, default=None, help="context window")
+    p.add_argument("--max-num-seqs", type=_positive, default=64, help="requests running at once")
+    p.add_argument(
+        "--max-queued-requests",
+        type=_non_negative,
+        default=256,
+        help="requests waiting beyond the running ones; more get 429",
+    )
+    p.add_argument(
+        "--max-tokens-limit",
+        type=_positive,
+        default=4096,
+        help="most tokens a request may generate (the default when it does not say)",
+    )
+    p.add_argument(
+        "--max-request-bytes", type=_positive, default=4 * 2**20, help="largest request body"
+    )
+    p.add_argument(
+        "--max-chunks", type=_positive, default=10_000, help="most chunks registered over HTTP"
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds running requests get to finish after SIGTERM",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=("critical", "error", "warning", "info", "debug"),
+        default="info",
+        help="server log level",
+    )
+    p.add_argument("--access-log", action="store_true", help="log one line per request")
+    p.set_defaults(run=_serve)
     return parser
 
 

@@ -1,0 +1,518 @@
+"""`/v1/chat/completions` and `/v1/completions`: OpenAI requests in, engine streams out.
+
+A request goes: admission (API key and body size were checked by the app; here the model name,
+the bounded queue and the sampling options) -> `engine.prepare` in a worker thread (tokenizing
+and chunking; chat requests with `chunk_ids` become a `Composition` of registered chunks) ->
+`engine.astream`, whose first token is awaited while watching for the client going away ->
+a JSON response, or a server-sent event stream (sse-starlette) that ends with `data: [DONE]`.
+
+A client that disconnects (before or during its stream) cancels the awaiting task, which closes
+the engine stream and so aborts the request and frees its KV pages. Errors the caller can fix
+are 400s naming the field; the engine closing is a 503.
+
+This module does not route or authenticate (app.py) and does not hold chunks (chunk_store.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from cascade_rag.chunks import UnknownChunkError
+from cascade_rag.composition import ChunkId, Composition
+from cascade_rag.engine.sequence import PreparedPrompt
+from cascade_rag.llm import EngineClosedError
+from cascade_rag.outputs import GenerationOutput, StreamDelta, Usage
+from cascade_rag.sampling import SamplingParams
+from cascade_rag.serving import protocol as p
+from cascade_rag.serving.protocol import APIError
+
+logger = logging.getLogger(__name__)
+
+_FIELD_RE = re.compile(r"^(?:stop string|(\w+))")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
+
+
+@dataclass
+class _Run:
+    """One HTTP generation request: its prompts (one per choice), options and timings."""
+
+    endpoint: str  # "chat" or "completions"
+    model: str
+    params: SamplingParams
+    prepared: list[PreparedPrompt]
+    include_usage: bool
+    want_logprobs: bool
+    t0: float = field(default_factory=time.perf_counter)
+    rid: str = ""
+    created: int = field(default_factory=p.now)
+    first_at: list[float | None] = field(default_factory=list)
+    outputs: list[GenerationOutput | None] = field(default_factory=list)
+    ended: bool = False
+
+
+class GenerationRoutes:
+    """The two generation endpoints over one engine.
+
+    Args:
+        state: the app's `ServerState` (engine, config, metrics, chunk store, admission gate).
+    """
+
+    def __init__(self, state) -> None:
+        self.state = state
+        self.engine = state.engine
+
+    # ---- endpoints ---------------------------------------------------------------------
+
+    async def chat(self, request: Request) -> Response:
+        req = p.parse_request(p.ChatCompletionRequest, await request.body())
+        model = self.state.check_model(req.model)
+        _refuse_unsupported_chat(req)
+        params = self._sampling(req, chat=True)
+        prompt = self._chat_prompt(req)
+        run = _Run(
+            "chat",
+            model,
+            params,
+            [],
+            include_usage=_include_usage(req),
+            want_logprobs=req.logprobs,
+            rid=p.new_id("chatcmpl"),
+        )
+        return await self._serve(request, run, [prompt], "messages", stream=req.stream)
+
+    async def completions(self, request: Request) -> Response:
+        req = p.parse_request(p.CompletionRequest, await request.body())
+        model = self.state.check_model(req.model)
+        _refuse_unsupported_completion(req)
+        params = self._sampling(req, chat=False)
+        prompts = _completion_prompts(req.prompt)
+        run = _Run(
+            "completions",
+            model,
+            params,
+            [],
+            include_usage=_include_usage(req),
+            want_logprobs=req.logprobs is not None,
+            rid=p.new_id("cmpl"),
+        )
+        return await self._serve(request, run, prompts, "prompt", stream=req.stream)
+
+    # ---- the request path --------------------------------------------------------------
+
+    async def _serve(
+        self, request: Request, run: _Run, prompts: list, param: str, stream: bool
+    ) -> Response:
+        gate = self.state.gate
+        gate.enter(len(prompts), run.endpoint)
+        streams: list[AsyncIterator[StreamDelta]] = []
+        handed_over = False
+        try:
+            run.prepared = [await self._prepare(x, param) for x in prompts]
+            run.first_at = [None] * len(prompts)
+            run.outputs = [None] * len(prompts)
+            streams = [self.engine.astream(x, run.params) for x in run.prepared]
+            firsts = await _until_disconnect(self._firsts(run, streams, param), request)
+            if stream:
+                handed_over = True
+                return _Stream(
+                    self._events(run, firsts, streams),
+                    on_close=lambda: self._end_async(run, streams, len(prompts)),
+                    drain_s=self.state.config.drain_timeout_s,
+                )
+            outs = await _until_disconnect(
+                asyncio.gather(*(_last(d, s) for d, s in zip(firsts, streams))), request
+            )
+            run.outputs = list(outs)
+            return JSONResponse(self._response(run, outs))
+        except ClientGone:
+            return Response(status_code=499)
+        finally:
+            if not handed_over:
+                await self._end_async(run, streams, len(prompts))
+
+    async def _prepare(self, prompt, param: str) -> PreparedPrompt:
+        try:
+            return await asyncio.to_thread(self.engine.prepare, prompt)
+        except UnknownChunkError as exc:
+            raise APIError(400, str(exc), param="chunk_ids", code="chunk_not_found") from None
+        except (ValueError, TypeError) as exc:
+            raise APIError(400, f"{param}: {exc}", param=param) from None
+        except EngineClosedError as exc:
+            raise APIError(503, f"the engine is closed: {exc}") from None
+
+    async def _firsts(self, run: _Run, streams, param: str) -> list[StreamDelta]:
+        """Each prompt's first delta (its first token); a refused prompt refuses them all."""
+
+        async def first(i: int, s) -> StreamDelta:
+            delta = await anext(s)
+            run.first_at[i] = time.perf_counter()
+            return delta
+
+        results = await asyncio.gather(
+            *(first(i, s) for i, s in enumerate(streams)), return_exceptions=True
+        )
+        for i, res in enumerate(results):
+            if isinstance(res, BaseException):
+                where = param if len(streams) == 1 else f"{param}[{i}]"
+                raise _engine_error(res, where)
+        return list(results)
+
+    async def _events(self, run: _Run, firsts: list[StreamDelta], streams) -> AsyncIterator:
+        """The SSE stream: OpenAI chunks in the order deltas arrive, then usage, [DONE]."""
+        if run.endpoint == "chat":
+            role = {"role": "assistant", "content": ""}
+            yield json.dumps(
+                p.chat_chunk(run.rid, run.model, run.created, role, with_usage=run.include_usage)
+            )
+        offsets = [0] * len(streams)
+        merged = _merge(firsts, streams)
+        try:
+            async for i, delta in merged:
+                if delta.finished:
+                    run.outputs[i] = delta.output
+                if delta.text or delta.logprobs or delta.finished:
+                    yield json.dumps(self._chunk(run, i, delta, offsets))
+                    offsets[i] += len(delta.text)
+            if run.include_usage:
+                obj = "chat.completion.chunk" if run.endpoint == "chat" else "text_completion"
+                usage = _sum_usage([o.usage for o in run.outputs])
+                yield json.dumps(p.usage_chunk(run.rid, run.model, run.created, obj, usage))
+            yield "[DONE]"
+        except Exception as exc:  # noqa: BLE001 - the stream has started: report in band
+            error = _engine_error(exc, "messages" if run.endpoint == "chat" else "prompt")
+            if error.status >= 500:
+                logger.warning("request %s failed while streaming: %r", run.rid, exc)
+            yield json.dumps(error.body())
+        finally:
+            await merged.aclose()
+
+    # ---- building responses ------------------------------------------------------------
+
+    def _chunk(self, run: _Run, i: int, delta: StreamDelta, offsets: list[int]) -> dict:
+        reason = delta.output.finish_reason if delta.finished else None
+        if run.endpoint == "chat":
+            logprobs = None
+            if run.want_logprobs and delta.logprobs:
+                logprobs = p.chat_logprobs(delta.logprobs, self._decode)
+            content = {"content": delta.text} if delta.text else {}
+            return p.chat_chunk(
+                run.rid, run.model, run.created, content, reason, logprobs, run.include_usage
+            )
+        logprobs = None
+        if run.want_logprobs and delta.logprobs:
+            logprobs = p.completion_logprobs(delta.logprobs, self._decode, offsets[i])
+        choice = p.completion_choice(i, delta.text, reason, logprobs)
+        return p.completion_chunk(run.rid, run.model, run.created, choice, run.include_usage)
+
+    def _response(self, run: _Run, outs: list[GenerationOutput]) -> dict:
+        if run.endpoint == "chat":
+            (out,) = outs
+            logprobs = None
+            if run.want_logprobs:
+                logprobs = p.chat_logprobs(out.logprobs or [], self._decode)
+            return p.chat_response(run.rid, run.model, run.created, out, logprobs)
+        choices = []
+        for i, out in enumerate(outs):
+            logprobs = None
+            if run.want_logprobs:
+                logprobs = p.completion_logprobs(out.logprobs or [], self._decode, 0)
+            choices.append(p.completion_choice(i, out.text, out.finish_reason, logprobs))
+        usage = _sum_usage([o.usage for o in outs])
+        return p.completion_response(run.rid, run.model, run.created, choices, usage)
+
+    def _decode(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
+
+    # ---- the end of a request ----------------------------------------------------------
+
+    async def _end_async(self, run: _Run, streams, slots: int) -> None:
+        """Close the engine streams (one not finished aborts its request and frees its KV
+        pages), release the admission slots and record the metrics, once."""
+        for s in streams:
+            try:
+                await s.aclose()
+            except RuntimeError:  # still running in a cancelled task, which aborts it
+                pass
+        if run.ended:
+            return
+        run.ended = True
+        self.state.gate.leave(slots)
+        now = time.perf_counter()
+        for i in range(slots):
+            out = run.outputs[i] if i < len(run.outputs) else None
+            first = run.first_at[i] if i < len(run.first_at) else None
+            self.state.metrics.observe(
+                run.endpoint,
+                out.finish_reason if out is not None else ("abort" if first else "error"),
+                usage=out.usage if out is not None else None,
+                chunks=run.prepared[i].chunks if i < len(run.prepared) else (),
+                ttft_s=None if first is None else first - run.t0,
+                e2e_s=now - run.t0 if out is not None else None,
+            )
+
+    # ---- request fields ----------------------------------------------------------------
+
+    def _sampling(self, req, chat: bool) -> SamplingParams:
+        limit = self.state.config.max_tokens_limit
+        name, max_tokens = "max_tokens", req.max_tokens
+        if chat and req.max_completion_tokens is not None:
+            name, max_tokens = "max_completion_tokens", req.max_completion_tokens
+        if max_tokens is not None and max_tokens > limit:
+            raise APIError(
+                400,
+                f"{name}={max_tokens} is above this server's limit of {limit} "
+                "(cascade-rag serve --max-tokens-limit)",
+                param=name,
+            )
+        if chat:
+            logprobs = None
+            if req.logprobs:
+                logprobs = req.top_logprobs or 0
+            elif req.top_logprobs:
+                raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        else:
+            logprobs = req.logprobs
+        kwargs = {
+            "max_tokens": limit if max_tokens is None else max_tokens,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "top_k": 0 if req.top_k is None else req.top_k,
+            "min_p": 0.0 if req.min_p is None else req.min_p,
+            "seed": req.seed,
+            "stop": () if req.stop is None else req.stop,
+            "stop_token_ids": req.stop_token_ids or (),
+            "ignore_eos": req.ignore_eos,
+            "include_stop_str_in_output": req.include_stop_str_in_output,
+            "presence_penalty": req.presence_penalty or 0.0,
+            "frequency_penalty": req.frequency_penalty or 0.0,
+            "repetition_penalty": (
+                1.0 if req.repetition_penalty is None else req.repetition_penalty
+            ),
+            "min_tokens": req.min_tokens or 0,
+            "logprobs": logprobs,
+        }
+        try:
+            params = SamplingParams(**kwargs)
+            params.check_vocab(self.engine.vocab_size)
+        except (TypeError, ValueError) as exc:
+            match = _FIELD_RE.match(str(exc))
+            field_name = "stop" if match and match.group(1) is None else (match and match[1])
+            message = str(exc)
+            renames = {"max_tokens": name, "logprobs": "top_logprobs" if chat else "logprobs"}
+            if field_name in renames:  # the engine's name for it -> the request's
+                message = renames[field_name] + message[len(field_name) :]
+                field_name = renames[field_name]
+            raise APIError(400, message, param=field_name or None) from None
+        return params
+
+    def _chat_prompt(self, req: p.ChatCompletionRequest):
+        messages = []
+        for i, m in enumerate(req.messages):
+            if m.role == "assistant" and m.content is None:
+                raise APIError(
+                    400,
+                    f"messages[{i}]: an assistant message needs content (tool calls are not "
+                    "supported)",
+                    param=f"messages[{i}].content",
+                )
+            role = "system" if m.role == "developer" else m.role
+            messages.append({"role": role, "content": m.text()})
+        if req.chunk_ids is None:
+            return messages
+        system = None
+        rest = messages
+        if messages[0]["role"] == "system":
+            system, rest = messages[0]["content"], messages[1:]
+        if len(rest) != 1 or rest[0]["role"] != "user":
+            raise APIError(
+                400,
+                "with chunk_ids, messages must be one user message, optionally after one "
+                "system message; the chunks go between them (send earlier turns inside the "
+                "user message, or leave chunk_ids out)",
+                param="messages",
+            )
+        store = self.state.chunks
+        chunks = [ChunkId(store.get(cid, param="chunk_ids").id) for cid in req.chunk_ids]
+        return Composition(query=rest[0]["content"], chunks=chunks, system=system)
+
+
+class _Stream(EventSourceResponse):
+    """An SSE response that runs `on_close` however it ends (done, disconnect, cancel)."""
+
+    def __init__(self, content, on_close, drain_s: float) -> None:
+        super().__init__(content, sep="\n", shutdown_grace_period=drain_s)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            await self._on_close()
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+async def _last(first: StreamDelta, stream) -> GenerationOutput:
+    delta = first
+    while not delta.finished:
+        delta = await anext(stream)
+    return delta.output
+
+
+async def _merge(firsts: list[StreamDelta], streams) -> AsyncIterator[tuple[int, StreamDelta]]:
+    """(prompt index, delta) from every stream as they arrive, each stream to its end."""
+    if len(streams) == 1:  # the usual case, without tasks
+        delta = firsts[0]
+        yield 0, delta
+        while not delta.finished:
+            delta = await anext(streams[0])
+            yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        delta = firsts[i]
+        try:
+            await queue.put((i, delta))
+            while not delta.finished:
+                delta = await anext(streams[i])
+                await queue.put((i, delta))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
+    try:
+        left = len(streams)
+        while left:
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield i, item
+            left -= item.finished
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _until_disconnect(awaitable, request: Request):
+    """Await `awaitable`; if the client disconnects first, cancel it and raise ClientGone."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:  # noqa: BLE001 - cancelled as asked
+        pass
+    raise ClientGone
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _engine_error(exc: BaseException, param: str) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineClosedError):
+        return APIError(503, f"the engine is closed: {exc}")
+    if isinstance(exc, UnknownChunkError):
+        return APIError(400, str(exc), param="chunk_ids", code="chunk_not_found")
+    if isinstance(exc, (ValueError, TypeError)):
+        return APIError(400, f"{param}: {exc}", param=param)
+    logger.error("request failed: %r", exc, exc_info=exc)
+    return APIError(500, f"the request failed in the engine: {type(exc).__name__}: {exc}")
+
+
+def _sum_usage(usages: list[Usage]) -> Usage:
+    return Usage(
+        prompt_tokens=sum(u.prompt_tokens for u in usages),
+        cached_tokens=sum(u.cached_tokens for u in usages),
+        completion_tokens=sum(u.completion_tokens for u in usages),
+    )
+
+
+def _include_usage(req) -> bool:
+    return bool(req.stream and req.stream_options is not None and req.stream_options.include_usage)
+
+
+def _refuse_unsupported_common(req) -> None:
+    if req.n not in (None, 1):
+        raise APIError(400, f"n={req.n}: this server returns one choice per prompt (n=1)", "n")
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options needs stream=true", param="stream_options")
+
+
+def _refuse_unsupported_chat(req: p.ChatCompletionRequest) -> None:
+    _refuse_unsupported_common(req)
+    if req.tools:
+        raise APIError(400, "tools are not supported by this server", param="tools")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise APIError(400, "tool_choice is not supported by this server", param="tool_choice")
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type") != "text":
+        raise APIError(
+            400,
+            f"response_format type {fmt.get('type')!r} is not supported; only 'text'",
+            param="response_format",
+        )
+    if req.logprobs is False and req.top_logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+
+
+def _refuse_unsupported_completion(req: p.CompletionRequest) -> None:
+    _refuse_unsupported_common(req)
+    if req.echo:
+        raise APIError(400, "echo=true is not supported by this server", param="echo")
+    if req.suffix:
+        raise APIError(400, "suffix is not supported by this server", param="suffix")
+    if req.best_of not in (None, 1):
+        raise APIError(400, "best_of must be 1 on this server", param="best_of")
+
+
+def _completion_prompts(prompt) -> list:
+    """The engine prompts of a completions `prompt`: text, token ids, or a list of either."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty; pass text or token ids", param="prompt")
+    if isinstance(prompt[0], int):
+        return [_token_prompt(prompt, "prompt")]
+    if isinstance(prompt[0], list):
+        return [_token_prompt(ids, f"prompt[{i}]") for i, ids in enumerate(prompt)]
+    return list(prompt)
+
+
+def _token_prompt(ids: list[int], param: str) -> PreparedPrompt:
+    if not ids:
+        raise APIError(400, f"{param} has no token ids", param=param)
+    return PreparedPrompt(chunks=(), tail_ids=tuple(ids))

@@ -542,3 +542,39 @@ def test_metrics_are_prometheus_counters_gauges_and_histograms(server, client, m
     )
     assert value("cascade_rag_time_to_first_token_seconds", "_count") >= 2
     assert value("cascade_rag_num_requests_running", "") == 0
+
+
+# ---- configuration ------------------------------------------------------------------------------
+
+BAD_CONFIGS = [
+    ({"port": 70000}, ValueError, "port"),
+    ({"port": "80"}, TypeError, "port"),
+    ({"api_key": ""}, ValueError, "api_key"),
+    ({"max_queued_requests": -1}, ValueError, "max_queued_requests"),
+    ({"max_tokens_limit": 0}, ValueError, "max_tokens_limit"),
+    ({"max_request_bytes": 10}, ValueError, "max_request_bytes"),
+    ({"drain_timeout_s": -1}, ValueError, "drain_timeout_s"),
+    ({"log_level": "loud"}, ValueError, "log_level"),
+    ({"served_model_name": " "}, ValueError, "served_model_name"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,name", BAD_CONFIGS, ids=[n for _, _, n in BAD_CONFIGS])
+def test_server_config_names_bad_fields(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        ServerConfig(**kwargs)
+
+
+def test_server_config_defaults_are_local():
+    config = ServerConfig()
+    assert config.host == "127.0.0.1" and config.is_local and config.api_key is None
+    assert ServerConfig(host="::1").is_local and ServerConfig(host="localhost").is_local
+    assert not ServerConfig(host="0.0.0.0").is_local
+
+
+def test_served_model_name(engine):
+    config = ServerConfig(port=0, log_level="warning", served_model_name="smol")
+    with BackgroundServer(engine, config) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["smol"]
+        assert c.chat.completions.create(model="smol", **CHAT).model == "smol"

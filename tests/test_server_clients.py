@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 
+import langchain_openai
 import pytest
+from llama_index.llms import openai_like
 
 from cascade_rag.llm import CascadeEngine
 from cascade_rag.sampling import SamplingParams
 from cascade_rag.serving import BackgroundServer, ServerConfig
-
-langchain_openai = pytest.importorskip("langchain_openai")
-openai_like = pytest.importorskip("llama_index.llms.openai_like")
 
 DOCS = [
     "Zorbia is a small island nation in the Lantern Sea. Its capital city is Plum.",

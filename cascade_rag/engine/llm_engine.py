@@ -23,6 +23,8 @@ from cascade_rag.engine.scheduler import Scheduler
 from cascade_rag.engine.sequence import PreparedPrompt, Sequence, SequenceStatus
 from cascade_rag.outputs import EngineStats, GenerationOutput, Usage
 from cascade_rag.sampling import (
+    ConstraintState,
+    GrammarCompiler,
     Sampler,
     SamplerOutput,
     SamplingParams,
@@ -113,6 +115,9 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.sampler = Sampler(self.eos_token_ids)
+        # output constraints: compiled per distinct constraint, one matcher per request
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, self.eos_token_ids)
+        self._constraints: dict[int, ConstraintState] = {}
         self._streams: dict[int, TextStream] = {}
         self._generators: dict[int, torch.Generator | None] = {}
         self.num_steps = 0
@@ -137,6 +142,10 @@ class LLMEngine:
         instead of token by token: updates then carry token ids and an empty text.
         """
         seq = Sequence(prompt=prompt, params=params, max_tokens=max_tokens)
+        if params.constraint is not None:  # first: a constraint that fails leaves nothing
+            self._constraints[seq.seq_id] = self.grammars.start(
+                params.constraint, params.stop_token_ids
+            )
         if stream_text or params.stop:
             self._streams[seq.seq_id] = TextStream(
                 self.tokenizer, params.stop, params.include_stop_str_in_output
@@ -255,6 +264,7 @@ class LLMEngine:
                 for s in seqs
             ],
             [s.generated_ids if s.params.needs_token_history else () for s in seqs],
+            [self._constraints.get(s.seq_id) for s in seqs] if self._constraints else None,
         )
 
     def _drop_running(self) -> list[Sequence]:
@@ -264,6 +274,9 @@ class LLMEngine:
         return seqs
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> SeqUpdate:
+        constraint = self._constraints.get(seq.seq_id)
+        if constraint is not None:
+            constraint.advance(token)  # raises for a token the constraint does not allow
         seq.token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -277,7 +290,9 @@ class LLMEngine:
         stream = self._streams.get(seq.seq_id)
         text, stopped = "", False
         if stream is not None and (not is_stop_token or params.include_stop_str_in_output):
-            text, stopped = stream.add(token, check_stop=may_stop)
+            # stop strings never cut constrained output (only free text, Constraint.stop_after)
+            check_stop = may_stop and (constraint is None or constraint.stop_allowed)
+            text, stopped = stream.add(token, check_stop=check_stop)
         reason, stop_reason = None, None
         if stopped:
             reason, stop_reason = "stop", stream.stop_str
@@ -299,6 +314,7 @@ class LLMEngine:
         seq.finish_reason = reason
         stream = self._streams.pop(seq.seq_id, None)
         self._generators.pop(seq.seq_id, None)
+        self._constraints.pop(seq.seq_id, None)
         if stream is None:
             ids = seq.generated_ids
             if isinstance(stop_reason, int) and not seq.params.include_stop_str_in_output:

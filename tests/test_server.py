@@ -578,3 +578,20 @@ def test_served_model_name(engine):
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
         assert [m.id for m in c.models.list().data] == ["smol"]
         assert c.chat.completions.create(model="smol", **CHAT).model == "smol"
+
+
+def test_draining_and_closed_engines_answer_503(default_model):
+    with CascadeEngine(default_model, kv_cache_tokens=512, max_model_len=256) as eng:
+        with BackgroundServer(eng, ServerConfig(port=0, log_level="warning")) as srv:
+            assert post(srv, "/v1/chat/completions", CHAT).status_code == 200
+            srv.state.gate.draining = True  # what SIGTERM sets
+            r = post(srv, "/v1/chat/completions", CHAT)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "service_unavailable_error"
+            assert httpx.get(srv.url + "/health").json() == {"status": "draining"}
+            srv.state.gate.draining = False
+            eng.close()
+            r = post(srv, "/v1/chat/completions", CHAT)
+            assert r.status_code == 503 and "closed" in r.json()["error"]["message"]
+            assert httpx.get(srv.url + "/health").status_code == 503
+            assert httpx.get(srv.url + "/metrics").status_code == 200  # still scrapeable

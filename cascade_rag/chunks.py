@@ -669,7 +669,7 @@ def _new_chunk(
 
 
 def _check_same_tokens(held: Chunk, ids: tuple[int, ...]) -> None:
-    """A hash hit is confirmed by comparing the tokens (DESIGN.md rule 1)."""
+    """A hash hit is confirmed by comparing the tokens (docs/design.md rule 1)."""
     if held.token_ids != ids:
         raise RuntimeError(
             f"chunk hash collision: id {held.id} is held for {len(held)} tokens "

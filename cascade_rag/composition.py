@@ -1,7 +1,7 @@
 """Turn what a caller sends (a prompt, chat messages, or an explicit RAG composition) into a
 `PreparedPrompt`: a chain of chunks followed by the request's private tokens.
 
-Tokenization rule at chunk boundaries (DESIGN.md rule 4): every chunk is tokenized on its own
+Tokenization rule at chunk boundaries (docs/design.md rule 4): every chunk is tokenized on its own
 and the prompt is the concatenation of the chunks' token ids; that concatenation *is* the
 prompt (the Hugging Face reference is run on the same ids). Retrieved and context chunks end
 with a blank line so that a chunk boundary is also a line boundary.

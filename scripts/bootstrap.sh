@@ -23,7 +23,7 @@ if ! python -c "import cascade_rag, torch, pytest, ruff, hypothesis" 2>/dev/null
   python -m pip install -q -e ".[test,server]"
   python -m pip install -q -e "integrations/langchain-cascade-rag[test]"
   # LlamaIndex packages (their dependencies, cascade-rag and llama-index-core, come from here)
-  python -m pip install -q "llama-index-core>=0.14,<0.15" "llama-index-llms-openai-like>=0.4" \
+  python -m pip install -q "llama-index-core>=0.14,<0.15" "llama-index-llms-openai-like>=0.5" \
     nbclient nbformat ipykernel
   python -m pip install -q --no-deps -e integrations/llama-index-llms-cascade-rag \
     -e integrations/llama-index-retrievers-cascade-rag

@@ -1,7 +1,7 @@
 """End-to-end: the engine's greedy output equals Hugging Face transformers' token for token.
 
 The real default model (SmolLM2-135M-Instruct, float32, CPU). Every composition is checked
-against `transformers` greedy `generate` on the very same token ids (DESIGN.md rule 4), with
+against `transformers` greedy `generate` on the very same token ids (docs/design.md rule 4), with
 the chunk cache cold and warm, cascade on and off, batch sizes 1 to 16, and page sizes that
 make chunks end inside pages.
 """

@@ -103,7 +103,7 @@ def test_history_goes_after_the_cached_chunks_as_chat_turns(rag, engine):
         ],
     )
     assert engine.tokenizer.decode(with_history.token_ids) == expected
-    # after the chunks (tokenized one by one, DESIGN.md rule 4), the same ids as the
+    # after the chunks (tokenized one by one, docs/design.md rule 4), the same ids as the
     # composer's own rendering of the whole conversation as chat messages
     docs = "".join(c.text + "\n\n" for c in chunks)
     conversation = engine.prepare(

@@ -6,7 +6,7 @@ writes, for every new position, a marker of that position's KV at its slot, appl
 copies, and then reads every scheduled sequence's positions [0, kv_len) through its page table.
 The marker of position p is (p, hash of the token ids [0, p]): in a real model the KV at p depends
 on every token up to p, so a read that finds another sequence's slot is only accepted where that
-sequence has the same whole prefix (exact reuse, DESIGN.md rule 2). Freed pages are wiped, so a
+sequence has the same whole prefix (exact reuse, docs/design.md rule 2). Freed pages are wiped, so a
 read of a page that was freed and handed out again shows up too.
 
 After each step the fake samples a token (a function of the sequence's tokens, so the output does

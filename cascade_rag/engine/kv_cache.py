@@ -6,10 +6,10 @@ and page `p` of a request's page table holds the KV of the token positions
 [p * page_size, (p + 1) * page_size) of that request.
 
 Sharing. A `ChunkNode` is one chunk computed after one exact chain of chunks (its ancestors),
-so its KV was computed at the right positions and in the right context (DESIGN.md rules 1-2).
+so its KV was computed at the right positions and in the right context (docs/design.md rules 1-2).
 A request whose composition starts with the same chain of chunks reuses the nodes' pages.
 
-Partial pages (DESIGN.md rule 3): chunks rarely end on a page boundary. A node that starts
+Partial pages (docs/design.md rule 3): chunks rarely end on a page boundary. A node that starts
 inside a page owns a *boundary page*: a private copy of the parent's last, partial page,
 which the node continues to fill. Tokens are always written to their owner's pages; the copy
 of the parent's tail slots is made before attention reads them. A request's page table takes,
@@ -21,6 +21,11 @@ Pinned chains. A node's KV is only valid after its exact chain, so what can be k
 eviction is a chain: `hold_chain(chunk_ids)` pins every node of [chunk 1, ..., chunk n] (the
 system prompt chunk first, as a request composes it) until `release_chain`, counting how many
 times each chain is held. Eviction already never frees a pinned node or an ancestor of one.
+
+Segment layout (reuse anywhere, engine/segments.py): with `segment_layout=True` every owner
+keeps its tokens from slot 0 of its first page instead of at their position's page index, so
+each chunk node is a page list of its own (only its last page partial) that can be read at any
+offset; there are no boundary pages then.
 
 This module does bookkeeping only: it allocates, pins and evicts pages and nodes. It never
 computes KV (the model runner does) and never decides grouping (the model runner does).
@@ -143,6 +148,13 @@ class KVCacheStats:
     hit_tokens: int
     miss_tokens: int
     evicted_nodes: int
+    anywhere_hit_tokens: int = 0  # of hit_tokens: chunks read away from their canonical offset
+    recomputed_tokens: int = 0  # tokens of reused chunks recomputed in context (anywhere)
+
+    @property
+    def exact_hit_tokens(self) -> int:
+        """Hit tokens served at the position where they were computed (exact prefix)."""
+        return self.hit_tokens - self.anywhere_hit_tokens
 
 
 @dataclass(frozen=True)
@@ -182,9 +194,12 @@ class ChunkKVCache:
             chunk with KV is never evicted from the registry.
     """
 
-    def __init__(self, pool: PagePool, registry: ChunkRegistry | None = None) -> None:
+    def __init__(
+        self, pool: PagePool, registry: ChunkRegistry | None = None, segment_layout: bool = False
+    ) -> None:
         self.pool = pool
         self.page_size = pool.page_size
+        self.segment_layout = segment_layout  # tokens from slot 0 of an owner's first page
         self.root = ChunkNode(chunk=None, parent=None, start=0, end=0, pages=[])
         self._registry = registry
         self._clock = itertools.count(1)
@@ -193,6 +208,8 @@ class ChunkKVCache:
         self.hit_tokens = 0
         self.miss_tokens = 0
         self.evicted_nodes = 0
+        self.anywhere_hit_tokens = 0
+        self.recomputed_tokens = 0
         self._held: dict[tuple[str, ...], int] = {}  # chain of chunk ids -> times held
 
     # ---- pages -------------------------------------------------------------------------
@@ -201,6 +218,8 @@ class ChunkKVCache:
         """Pages an owner of positions [start, end) needs (boundary page included)."""
         if end <= start:
             return 0
+        if self.segment_layout:
+            return -(-(end - start) // self.page_size)
         return -(-end // self.page_size) - start // self.page_size
 
     def alloc(self, n: int) -> list[int]:
@@ -212,6 +231,9 @@ class ChunkKVCache:
     def slot_of(self, owner: ChunkNode, pos: int) -> int:
         """The slot where `owner` holds the KV of position `pos`."""
         assert owner.start <= pos < owner.end
+        if self.segment_layout:
+            i = pos - owner.start
+            return owner.pages[i // self.page_size] * self.page_size + i % self.page_size
         return owner.pages[
             pos // self.page_size - owner.start // self.page_size
         ] * self.page_size + (pos % self.page_size)
@@ -361,6 +383,8 @@ class ChunkKVCache:
             hit_tokens=self.hit_tokens,
             miss_tokens=self.miss_tokens,
             evicted_nodes=self.evicted_nodes,
+            anywhere_hit_tokens=self.anywhere_hit_tokens,
+            recomputed_tokens=self.recomputed_tokens,
         )
 
     def iter_nodes(self):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _BACKENDS = ("auto", "torch", "flashinfer")
+_CHUNK_REUSE = ("prefix", "anywhere")
+_RECOMPUTE_MODES = ("first",)
 MAX_CASCADE_LEVELS = 8  # the planner recurses once per level; more never pays
 MAX_PAGE_SIZE = 4096
 
@@ -45,6 +47,13 @@ class EngineConfig:
             (LRU beyond that).
         auto_chunk_min_tokens: plain prompts are cut into chunks of at least this many tokens.
         cache_dir: where converted models are cached (default ~/.cache/cascade_rag).
+        chunk_reuse: "prefix" reuses a chunk's KV only after the same chain of chunks (exact);
+            "anywhere" computes each chunk once after the system prompt and reuses it at any
+            offset, with exact RoPE positions but without attention to the chunks before it
+            in the request (see cascade_rag/engine/segments.py).
+        recompute_tokens: with chunk_reuse="anywhere", tokens of every chunk placed away from
+            where it was computed that are recomputed in the request's context (0..65536).
+        recompute_mode: which tokens: "first" (the chunk's first `recompute_tokens`).
 
     Raises:
         TypeError / ValueError: a field of the wrong type or out of range, naming the field,
@@ -72,6 +81,9 @@ class EngineConfig:
     chunk_registry_bytes: int = 256 * 2**20
     auto_chunk_min_tokens: int = 32
     cache_dir: str | Path | None = None
+    chunk_reuse: str = "prefix"
+    recompute_tokens: int = 16
+    recompute_mode: str = "first"
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, (str, Path)):
@@ -80,6 +92,9 @@ class EngineConfig:
             )
         _choice("dtype", self.dtype, _DTYPES)
         _choice("attention_backend", self.attention_backend, _BACKENDS)
+        _choice("chunk_reuse", self.chunk_reuse, _CHUNK_REUSE)
+        _choice("recompute_mode", self.recompute_mode, _RECOMPUTE_MODES)
+        _int_in("recompute_tokens", self.recompute_tokens, 0, 1 << 16)
         if not isinstance(self.device, str):
             raise TypeError(
                 f"device must be a string such as 'cpu' or 'cuda:0', got {self.device!r}"
@@ -105,6 +120,11 @@ class EngineConfig:
                 f"page_size={self.page_size} is larger than the whole KV pool "
                 f"(kv_cache_tokens={self.kv_cache_tokens}); use a page_size of 16 or raise "
                 "kv_cache_tokens"
+            )
+        if self.chunk_reuse == "anywhere" and not self.enable_chunk_cache:
+            raise ValueError(
+                "chunk_reuse='anywhere' reuses chunk KV, but enable_chunk_cache=False turns the "
+                "chunk cache off; use enable_chunk_cache=True or chunk_reuse='prefix'"
             )
         if self.cascade and self.max_cascade_levels < 2:
             raise ValueError(

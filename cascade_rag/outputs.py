@@ -14,12 +14,15 @@ class Usage:
     """Token counts of one request.
 
     prompt_tokens: tokens in the prompt; cached_tokens: prompt tokens whose KV was served
-    from the chunk cache (not computed for this request); completion_tokens: generated tokens.
+    from the chunk cache (not computed for this request); completion_tokens: generated tokens;
+    recomputed_tokens: with chunk_reuse="anywhere", tokens of reused chunks recomputed in this
+    request's context (not counted in cached_tokens).
     """
 
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    recomputed_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

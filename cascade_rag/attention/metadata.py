@@ -17,6 +17,11 @@ Only the last level is causal (aligned bottom-right: the last query row of an en
 every key of that entry); shared levels hold only keys that precede all of their queries.
 The output of a query row is the log-sum-exp merge of its results over all levels.
 
+Position deltas (reuse anywhere, see `cascade_rag.attention.rope`): a level may carry one delta
+per query row (`rope_delta`); the row then reads that level's keys with its query rotated at
+(position - delta). A row's K may likewise be stored shifted (`k_rope_delta`). Both are None in
+exact-prefix steps, where every key sits at its true position.
+
 This module holds data only; it does not decide grouping (the scheduler/model runner do)
 and does not compute attention (the backends do).
 """
@@ -39,6 +44,8 @@ class CascadeLevel:
         kv_last_page_len: [num_entries] int64, valid slots of each entry's last page
             (1..page_size for a non-empty entry, 0 for an entry with no pages).
         causal: True for the last level only.
+        rope_delta: [num_tokens] int64 or None: each query row reads this level's keys with
+            its query rotated at (position - rope_delta[row]); None means 0 for every row.
     """
 
     qo_indptr: torch.Tensor
@@ -46,6 +53,7 @@ class CascadeLevel:
     kv_indices: torch.Tensor
     kv_last_page_len: torch.Tensor
     causal: bool
+    rope_delta: torch.Tensor | None = None
 
     @property
     def num_entries(self) -> int:
@@ -70,6 +78,11 @@ class AttentionMetadata:
             that starts inside a page gets its own copy of the tokens before it on that page).
         levels: cascade levels; `levels[-1].causal` is True and no other level is causal.
             Plain (non-cascade) attention is the single-level case.
+        k_rope_delta: [num_tokens] int64 or None: the new K of row i is rotated by
+            -k_rope_delta[i] before it is written (stored at its canonical position in a
+            reused chunk's segment); None means 0 for every row.
+        rope_inv_freq: [head_dim // 2] float32, the model's RoPE frequencies; needed when a
+            level has `rope_delta` or `k_rope_delta` is set.
     """
 
     page_size: int
@@ -77,6 +90,8 @@ class AttentionMetadata:
     copy_src: torch.Tensor
     copy_dst: torch.Tensor
     levels: list[CascadeLevel]
+    k_rope_delta: torch.Tensor | None = None
+    rope_inv_freq: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -87,3 +102,11 @@ class AttentionMetadata:
         assert self.levels[-1].causal and not any(lv.causal for lv in self.levels[:-1])
         for lv in self.levels:
             assert int(lv.qo_indptr[-1]) == self.num_tokens, "every level covers every query row"
+            assert lv.rope_delta is None or lv.rope_delta.shape == (self.num_tokens,)
+        assert self.k_rope_delta is None or self.k_rope_delta.shape == (self.num_tokens,)
+        if self.has_rope_deltas:
+            assert self.rope_inv_freq is not None, "position deltas need the RoPE frequencies"
+
+    @property
+    def has_rope_deltas(self) -> bool:
+        return self.k_rope_delta is not None or any(lv.rope_delta is not None for lv in self.levels)

@@ -10,8 +10,13 @@ Entries of a level with similar shapes share one padded batch (e.g. all decode r
 long entries are cut into row chunks so that no batch holds more than `max_block_scores`
 (row, key) pairs, and a causal chunk reads only the keys its last row can see.
 
-It does not apply RoPE (q and k arrive rotated), allocate pages, or decide the levels (the model
-runner does), and it has no custom kernels: it is plain PyTorch on any device.
+Position deltas of reused chunks (`AttentionMetadata.k_rope_delta`, `CascadeLevel.rope_delta`)
+are turned into rotation tables once per step by `cascade_rag.attention.rope` and applied to the
+gathered query rows of each padded batch and to the new keys before they are written.
+
+It does not apply RoPE at positions (q and k arrive rotated by the model), allocate pages, or
+decide the levels (the model runner does), and it has no custom kernels: it is plain PyTorch on
+any device.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 
+from cascade_rag.attention import rope
 from cascade_rag.attention.metadata import AttentionMetadata, CascadeLevel
 
 # lse of a row that sees no key is -inf; subtracting this instead keeps exp() at 0, not NaN
@@ -81,6 +87,7 @@ class _Block:
     bias: torch.Tensor | None  # [1, n, 1, R, K] float32 0 / -inf; None when nothing is masked
     out_src: torch.Tensor | None  # [num_real] positions in n*R of real rows; None: all real
     out_rows: torch.Tensor  # [num_real] query rows they belong to
+    q_shift: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [n*R, d]; None: no deltas
 
 
 @dataclass
@@ -98,6 +105,7 @@ class _StepPlan:
     copy_src: torch.Tensor | None  # [num_copies]; None when there are no copies
     copy_dst: torch.Tensor | None
     levels: list[_LevelPlan]  # levels with at least one non-empty entry
+    k_shift: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [num_tokens, d] for new keys
 
 
 class TorchAttention:
@@ -166,10 +174,14 @@ class TorchAttention:
         device = metadata.slot_mapping.device
         covered = torch.zeros(num_tokens, dtype=torch.bool)  # rows that see a key somewhere
         levels = []
+        inv_freq = metadata.rope_inv_freq
         for level in metadata.levels:
             items, flat_slots = self._level_items(level, page_size)
+            deltas = _nonzero_or_none(level.rope_delta)
             blocks = [
-                self._build_block(group, flat_slots, level.causal, covered, device)
+                self._build_block(
+                    group, flat_slots, level.causal, covered, device, deltas, inv_freq
+                )
                 for group in self._group_items(items)
             ]
             if blocks:
@@ -189,6 +201,10 @@ class TorchAttention:
                 f"copy_src {tuple(metadata.copy_src.shape)} and copy_dst "
                 f"{tuple(metadata.copy_dst.shape)} must have the same shape"
             )
+        k_deltas = _nonzero_or_none(metadata.k_rope_delta)
+        k_shift = None
+        if k_deltas is not None:
+            k_shift = rope.shift_tables(k_deltas, inv_freq, torch.float32, device)
         self._plan = _StepPlan(
             device=device,
             page_size=page_size,
@@ -197,6 +213,7 @@ class TorchAttention:
             copy_src=metadata.copy_src.to(device=device, dtype=torch.int64) if has_copies else None,
             copy_dst=metadata.copy_dst.to(device=device, dtype=torch.int64) if has_copies else None,
             levels=levels,
+            k_shift=k_shift,
         )
 
     def _level_items(self, level: CascadeLevel, page_size: int) -> tuple[list[_Item], torch.Tensor]:
@@ -257,6 +274,8 @@ class TorchAttention:
         causal: bool,
         covered: torch.Tensor,
         device: torch.device,
+        deltas: torch.Tensor | None = None,
+        inv_freq: torch.Tensor | None = None,
     ) -> _Block:
         items = sorted(items, key=lambda it: it.row_start)  # row order: often no scatter needed
         row_start, num_rows, kv_start, kv_len, diag = (
@@ -277,6 +296,11 @@ class TorchAttention:
         out_rows = q_rows[real]
         covered[out_rows[limit[real] > 0]] = True
         out_src = None if bool(real.all()) else real.reshape(-1).nonzero().flatten().to(device)
+        q_shift = None
+        if deltas is not None:
+            row_deltas = deltas[q_rows.reshape(-1)]
+            if bool(row_deltas.any()):
+                q_shift = rope.shift_tables(row_deltas, inv_freq, torch.float32, device)
         return _Block(
             n,
             max_rows,
@@ -286,6 +310,7 @@ class TorchAttention:
             bias,
             out_src,
             out_rows.to(device),
+            q_shift,
         )
 
     # ---- forward: once per layer ---------------------------------------------------------
@@ -311,7 +336,7 @@ class TorchAttention:
         num_slots = k_cache.shape[0] * k_cache.shape[1]
         k_flat = k_cache.view(num_slots, self.num_kv_heads, self.head_dim)  # [slots, Hkv, d]
         v_flat = v_cache.view(num_slots, self.num_kv_heads, self.head_dim)
-        k_flat.index_copy_(0, p.slot_mapping, k)
+        k_flat.index_copy_(0, p.slot_mapping, rope.rotate(k, p.k_shift))
         v_flat.index_copy_(0, p.slot_mapping, v)
         if p.copy_src is not None:
             k_flat.index_copy_(0, p.copy_dst, k_flat.index_select(0, p.copy_src))
@@ -374,7 +399,7 @@ class TorchAttention:
         if n == 1 and r > 1 and _flash_cpu is not None and qs.device.type == "cpu":
             return self._run_block_flash(b, qs, k_flat, v_flat)
         # query head h reads kv head h // g: fold the group into the rows of each kv head
-        q_b = qs.index_select(0, b.q_rows).view(n, r, hkv, g, d)
+        q_b = rope.rotate(qs.index_select(0, b.q_rows), b.q_shift).view(n, r, hkv, g, d)
         q_b = q_b.permute(2, 0, 3, 1, 4).reshape(hkv, n, g * r, d)
         k_b = k_flat.index_select(0, b.kv_slots).view(n, kk, hkv, d)
         v_b = v_flat.index_select(0, b.kv_slots).view(n, kk, hkv, d)
@@ -402,7 +427,8 @@ class TorchAttention:
         score matrix in memory), which also returns the log-sum-exp the merge needs."""
         r, kk = b.max_rows, b.max_kv
         hq, hkv, g, d = self.num_qo_heads, self.num_kv_heads, self.group_size, self.head_dim
-        q_b = qs.index_select(0, b.q_rows).transpose(0, 1).unsqueeze(0)  # [1, Hq, R, d]
+        q_b = rope.rotate(qs.index_select(0, b.q_rows), b.q_shift)
+        q_b = q_b.transpose(0, 1).unsqueeze(0)  # [1, Hq, R, d]
 
         def heads(flat: torch.Tensor) -> torch.Tensor:  # [1, Hq, K, d], kv head per q head
             x = flat.index_select(0, b.kv_slots).view(kk, hkv, 1, d).expand(kk, hkv, g, d)
@@ -413,6 +439,14 @@ class TorchAttention:
             q_b, heads(k_flat), heads(v_flat), 0.0, False, attn_mask=mask, scale=1.0
         )
         return o[0].transpose(0, 1), lse[0].transpose(0, 1).float()
+
+
+def _nonzero_or_none(deltas: torch.Tensor | None) -> torch.Tensor | None:
+    """Position deltas as a CPU int64 tensor, or None when there are none or all are 0."""
+    if deltas is None:
+        return None
+    deltas = deltas.to("cpu", torch.int64)
+    return deltas if bool(deltas.any()) else None
 
 
 # PyTorch's fused CPU flash attention returning (output, logsumexp); None where unavailable

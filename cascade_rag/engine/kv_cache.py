@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cascade_rag.chunks import Chunk, ChunkRegistry
+from cascade_rag.chunks import Chunk, ChunkRegistry, ChunkType
 
 
 class OutOfPagesError(RuntimeError):
@@ -399,15 +399,21 @@ class ChunkKVCache:
     def find_chain(self, chunk_ids: list[str] | tuple[str, ...]) -> list[ChunkNode]:
         """The ready nodes along `chunk_ids` from the root, up to the first missing one.
 
-        The chain's KV is fully cached when the list is as long as `chunk_ids`.
+        The chain's KV is fully cached when the list is as long as `chunk_ids`. In the
+        segment layout (reuse anywhere) the nodes are those a request of this chain uses: its
+        first chunk, then every other chunk under the first if that is a system prompt (the
+        anchor), else under the root.
         """
         node, nodes = self.root, []
-        for chunk_id in chunk_ids:
+        for i, chunk_id in enumerate(chunk_ids):
             child = node.children.get(chunk_id)
             if child is None or not child.ready:
                 break
             nodes.append(child)
-            node = child
+            if not self.segment_layout:
+                node = child
+            elif i == 0 and child.chunk.type is ChunkType.SYSTEM_PROMPT:
+                node = child  # the anchor: every chunk after it is its child
         return nodes
 
     def hold_chain(self, chunk_ids: list[str] | tuple[str, ...]) -> int | None:

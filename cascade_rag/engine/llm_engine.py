@@ -20,6 +20,7 @@ from cascade_rag.engine.detokenizer import TextStream
 from cascade_rag.engine.kv_cache import ChunkKVCache, OutOfPagesError, PagePool
 from cascade_rag.engine.model_runner import ModelRunner
 from cascade_rag.engine.scheduler import Scheduler
+from cascade_rag.engine.segments import RecomputePolicy
 from cascade_rag.engine.sequence import PreparedPrompt, Sequence, SequenceStatus
 from cascade_rag.outputs import EngineStats, GenerationOutput, Usage
 from cascade_rag.sampling import (
@@ -99,8 +100,14 @@ class LLMEngine:
             dtype=dtype,
             device=config.device,
         )
-        self.kv = ChunkKVCache(self.pool, registry)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        anywhere = config.chunk_reuse == "anywhere"
+        self.kv = ChunkKVCache(self.pool, registry, segment_layout=anywhere)
+        recompute = (
+            RecomputePolicy(config.recompute_tokens, config.recompute_mode) if anywhere else None
+        )
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, recompute
+        )
         attn = make_attention_backend(config, mc)
         if getattr(attn, "fused_model_ops", False):
             model.model.fuse_for_speed()  # GPU: fewer, larger kernels (bf16 tolerance)
@@ -215,6 +222,11 @@ class LLMEngine:
             first = max(e.q_start, seq.num_prompt_computed)
             self.computed_prompt_tokens += max(0, done - first)
             self.recomputed_tokens += max(0, min(done, seq.num_prompt_computed) - e.q_start)
+            if e.num_extra_rows:  # reuse anywhere: chunk nodes created, chunk tokens recomputed
+                if seq.num_prompt_computed == 0:
+                    self.computed_prompt_tokens += e.num_extra_rows
+                else:
+                    self.recomputed_tokens += e.num_extra_rows
             seq.num_prompt_computed = max(seq.num_prompt_computed, done)
         for seq, sampled in zip(seqs, self._sample(logits, seqs)):
             if isinstance(sampled, BaseException):
@@ -334,6 +346,7 @@ class LLMEngine:
             usage=Usage(
                 prompt_tokens=seq.num_prompt_tokens,
                 cached_tokens=seq.num_cached_tokens or 0,
+                recomputed_tokens=seq.num_recomputed_tokens,
                 completion_tokens=seq.num_generated,
             ),
             stop_reason=stop_reason,

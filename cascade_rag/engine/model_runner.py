@@ -4,6 +4,9 @@ The runner turns the scheduler's `ScheduledSeq`s into flat tensors (input ids, p
 slots), orders the batch so that sequences sharing pages are contiguous, builds the cascade
 levels (or one plain level) into an `AttentionMetadata`, plans the attention backend once and
 runs the model, whose layers all reuse that plan. It returns next-token logits per sequence.
+With reuse anywhere the scheduler hands each sequence's rows as query groups
+(engine/segments.py); the runner lays those out in batch order and plans one level per segment
+index, with the position deltas the backends rotate by.
 It does not choose who runs (scheduler.py) and does not sample (sampling.py).
 """
 
@@ -21,6 +24,8 @@ from cascade_rag.engine.cascade_plan import (
 )
 from cascade_rag.engine.kv_cache import PagePool
 from cascade_rag.engine.scheduler import ScheduledSeq
+from cascade_rag.engine.segments import plan_segment_levels
+from cascade_rag.models.llama import compute_inv_freq
 
 
 class ModelRunner:
@@ -52,10 +57,14 @@ class ModelRunner:
         self.min_shared_tokens = min_shared_tokens
         self.num_cascade_steps = 0  # steps that ran with at least one shared level
         self.device = pool.kv_caches[0][0].device
+        # float32 RoPE frequencies for the position deltas of reuse anywhere
+        self.inv_freq = compute_inv_freq(model.config) if model is not None else None
 
     def build_metadata(self, batch: list[ScheduledSeq]) -> tuple[list[int], AttentionMetadata]:
         """Batch order (indices into `batch`) and the step's attention metadata."""
         size = self.pool.page_size
+        if batch and batch[0].groups is not None:
+            return self._build_segment_metadata(batch)
         if self.max_cascade_levels > 1:
             views = [
                 SeqView(b.page_table, b.kv_len, b.qo_len, tuple(n.node_id for n in b.seq.nodes))
@@ -87,18 +96,49 @@ class ModelRunner:
         )
         return order, metadata
 
-    @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        """Forward the step; returns float32 logits [len(batch), vocab] in `batch` order."""
-        order, metadata = self.build_metadata(batch)
+    def _build_segment_metadata(
+        self, batch: list[ScheduledSeq]
+    ) -> tuple[list[int], AttentionMetadata]:
+        """Reuse anywhere: the query groups of every sequence, one level per segment index."""
+        groups = [g for b in batch for g in b.groups]
+        levels = plan_segment_levels(groups, self.pool.page_size, device="cpu")
+        self.num_cascade_steps += len(levels) > 1 and len(batch) > 1
+        slots = [s for g in groups for s in g.slots]
+        copies = [c for b in batch for c in b.copies]
+        k_deltas = [g.k_delta for g in groups for _ in g.positions]
+        metadata = AttentionMetadata(
+            page_size=self.pool.page_size,
+            slot_mapping=int64_tensor(slots, self.device),
+            copy_src=int64_tensor([c[0] for c in copies], self.device),
+            copy_dst=int64_tensor([c[1] for c in copies], self.device),
+            levels=levels,
+            k_rope_delta=int64_tensor(k_deltas) if any(k_deltas) else None,
+            rope_inv_freq=self.inv_freq,
+        )
+        return list(range(len(batch))), metadata
+
+    def _layout(self, batch: list[ScheduledSeq], order: list[int]):
+        """Flat input ids, positions, and the row of each sequence's logits (batch order)."""
         input_ids: list[int] = []
         positions: list[int] = []
         last_rows: list[int] = []
         for i in order:
             b = batch[i]
-            input_ids.extend(b.seq.token_ids[b.q_start : b.kv_len])
-            positions.extend(range(b.q_start, b.kv_len))
+            if b.groups is not None:
+                for g in b.groups:
+                    input_ids.extend(g.token_ids)
+                    positions.extend(g.positions)
+            else:
+                input_ids.extend(b.seq.token_ids[b.q_start : b.kv_len])
+                positions.extend(range(b.q_start, b.kv_len))
             last_rows.append(len(input_ids) - 1)
+        return input_ids, positions, last_rows
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """Forward the step; returns float32 logits [len(batch), vocab] in `batch` order."""
+        order, metadata = self.build_metadata(batch)
+        input_ids, positions, last_rows = self._layout(batch, order)
         self.attn.plan(metadata)
         hidden = self.model(
             int64_tensor(input_ids, self.device),

@@ -16,6 +16,12 @@ growing a sequence fails that sequence alone (`StepPlan.failed`). A sequence mar
 a request that cannot run fails by itself and the others get the output they would have had
 alone.
 
+With a `RecomputePolicy` (reuse anywhere, engine/segments.py) admission places every chunk
+after the anchor at any offset: the chunk's node under the anchor is reused or created (and
+computed at its canonical positions by the admitting sequence), the tokens the policy picks are
+recomputed in context into private copies of their pages, and the step's rows are given as
+query groups with their segments instead of one range per sequence.
+
 The scheduler decides who runs and which positions each writes where; it does not build
 attention metadata or run the model (model_runner.py does).
 """
@@ -25,7 +31,16 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from cascade_rag.chunks import ChunkType
 from cascade_rag.engine.kv_cache import ChunkKVCache, ChunkNode, OutOfPagesError
+from cascade_rag.engine.segments import (
+    Placement,
+    QueryGroup,
+    RecomputePolicy,
+    Segment,
+    runs,
+    segment_slots,
+)
 from cascade_rag.engine.sequence import Sequence, SequenceStatus
 
 
@@ -39,6 +54,11 @@ class ScheduledSeq:
         slots: [num_new] flat cache slot where each new position's K/V is written.
         copies: (src_slot, dst_slot) boundary-page copies to make before attention.
         page_table: page per page index of the whole sequence after this step.
+        groups: reuse anywhere only: the step's query rows of this sequence as groups with
+            their segments (the last row of the last group gives the logits); `slots` and
+            `page_table` are then unused and the private rows are [q_start, kv_len).
+        num_extra_rows: reuse anywhere: rows computed besides the private ones (chunk nodes
+            this sequence creates, recomputed chunk tokens).
     """
 
     seq: Sequence
@@ -46,6 +66,8 @@ class ScheduledSeq:
     slots: list[int]
     copies: list[tuple[int, int]]
     page_table: list[int]
+    groups: list[QueryGroup] | None = None
+    num_extra_rows: int = 0
 
     @property
     def kv_len(self) -> int:
@@ -80,9 +102,19 @@ class Scheduler:
         max_num_batched_tokens: most new tokens per step. The first prompt admitted in a
             step is admitted whatever its size (so a long prompt is never starved); further
             prompts join only while the step stays within the budget.
+        recompute: None for exact prefix reuse; a policy for reuse anywhere (the cache must
+            then use the segment layout).
     """
 
-    def __init__(self, kv: ChunkKVCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        kv: ChunkKVCache,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        recompute: RecomputePolicy | None = None,
+    ) -> None:
+        assert (recompute is not None) == kv.segment_layout, "reuse anywhere <=> segment layout"
+        self.recompute = recompute
         self.kv = kv
         self.page_size = kv.page_size
         self.max_num_seqs = max_num_seqs
@@ -219,7 +251,9 @@ class Scheduler:
         for node in seq.nodes:
             self.kv.unpin(node)
         self.kv.pool.free(seq.private_pages)
+        self.kv.pool.free(seq.cow_pages)
         seq.nodes, seq.private_pages, seq.num_kv = [], [], 0
+        seq.placements, seq.cow_pages = [], []
         if seq in self.running:
             self.running.remove(seq)
 
@@ -227,7 +261,8 @@ class Scheduler:
 
     def _grow(self, seq: Sequence) -> bool:
         """Make sure the private pages cover every position; False if no page is free."""
-        need = self.kv.pages_for(seq.chain_end, len(seq.token_ids)) - len(seq.private_pages)
+        start = seq.private_start if self.recompute is not None else seq.chain_end
+        need = self.kv.pages_for(start, len(seq.token_ids)) - len(seq.private_pages)
         if need <= 0:
             return True
         try:
@@ -239,6 +274,8 @@ class Scheduler:
     def _decode_entry(self, seq: Sequence) -> ScheduledSeq:
         pos = len(seq.token_ids) - 1
         assert seq.num_kv == pos, "a running sequence has exactly one pending token"
+        if self.recompute is not None:
+            return ScheduledSeq(seq, pos, [], [], [], groups=[self._private_group(seq, pos)])
         return ScheduledSeq(
             seq=seq,
             q_start=pos,
@@ -265,6 +302,17 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _new_tokens_if_admitted(self, seq: Sequence) -> int:
+        if self.recompute is not None:  # an estimate: missing chunks, recompute, private
+            anchor, chunks = self._anchor_and_rest(seq)
+            parent = self.kv.root.children.get(anchor.id) if anchor is not None else self.kv.root
+            new = len(seq.token_ids) - seq.prompt.num_chunk_tokens
+            for i, chunk in enumerate(chunks):
+                cached = parent is not None and chunk.id in parent.children
+                new += len(self.recompute.select(len(chunk))) if i else 0
+                new += 0 if cached else len(chunk)
+            if anchor is not None and parent is None:
+                new += len(anchor)
+            return new
         node, end = self.kv.root, 0
         for chunk in seq.prompt.chunks:
             child = node.children.get(chunk.id)
@@ -275,6 +323,8 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, created: list[ChunkNode]) -> ScheduledSeq | None:
         """Pin/create the chain and allocate private pages; None (nothing held) if no room."""
+        if self.recompute is not None:
+            return self._admit_anywhere(seq, created)
         node, nodes, mine = self.kv.root, [], []
         q_start = None
         try:
@@ -335,3 +385,145 @@ class Scheduler:
                 slots.append(pages[pos // size - first] * size + pos % size)
         assert len(slots) == hi - lo, "every new position has exactly one owner"
         return slots
+
+    # ---- reuse anywhere ----------------------------------------------------------------
+
+    @staticmethod
+    def _anchor_and_rest(seq: Sequence):
+        """(the anchor chunk or None, the chunks placed after it)."""
+        chunks = seq.prompt.chunks
+        if chunks and chunks[0].type is ChunkType.SYSTEM_PROMPT:
+            return chunks[0], chunks[1:]
+        return None, chunks
+
+    def _admit_anywhere(self, seq: Sequence, created: list[ChunkNode]) -> ScheduledSeq | None:
+        """Place the chunks after the anchor, pick recomputed tokens, allocate private pages.
+
+        Returns None (holding nothing) when the pool has no room.
+        """
+        kv, size = self.kv, self.page_size
+        anchor_chunk, chunks = self._anchor_and_rest(seq)
+        mine: list[ChunkNode] = []
+        nodes: list[ChunkNode] = []
+        placements: list[Placement] = []
+        cow_pages: list[int] = []
+        first_admission = seq.num_cached_tokens is None
+        hit = anywhere_hit = 0
+
+        def get(parent: ChunkNode, chunk) -> tuple[ChunkNode, bool]:
+            node = kv.lookup(parent, chunk)
+            fresh = node is None
+            if fresh:
+                node = kv.create(parent, chunk)
+                mine.append(node)
+            kv.pin(node)
+            nodes.append(node)
+            return node, fresh
+
+        try:
+            anchor, pos = kv.root, 0
+            if anchor_chunk is not None:
+                anchor, fresh = get(kv.root, anchor_chunk)
+                placements.append(Placement(anchor, 0))
+                hit += 0 if fresh else anchor.num_tokens
+                pos = anchor.end
+            for chunk in chunks:
+                node, fresh = get(anchor, chunk)
+                placement = Placement(node, pos)
+                if placement.delta:
+                    placement.recompute = self.recompute.select(node.num_tokens)
+                    for page in sorted({i // size for i in placement.recompute}):
+                        placement.cow[page] = kv.alloc(1)[0]
+                        cow_pages.append(placement.cow[page])
+                if not fresh:
+                    reused = node.num_tokens - len(placement.recompute)
+                    hit += reused
+                    anywhere_hit += reused if placement.delta else 0
+                placements.append(placement)
+                pos += len(chunk)
+            seq.private_start = pos
+            seq.private_pages = kv.alloc(kv.pages_for(pos, len(seq.token_ids)))
+        except BaseException as exc:
+            for n in nodes:
+                kv.unpin(n)
+            kv.discard(mine)
+            kv.pool.free(cow_pages)
+            if seq.private_pages:
+                kv.pool.free(seq.private_pages)
+            seq.private_pages = []
+            if isinstance(exc, OutOfPagesError):
+                return None
+            raise
+        created.extend(mine)
+        seq.nodes, seq.placements, seq.cow_pages = nodes, placements, cow_pages
+        seq.status = SequenceStatus.RUNNING
+        recomputed = sum(len(p.recompute) for p in placements)
+        if first_admission:
+            seq.num_cached_tokens = hit
+            seq.num_recomputed_tokens = recomputed
+            kv.hit_tokens += hit
+            kv.miss_tokens += seq.num_prompt_tokens - hit
+            kv.anywhere_hit_tokens += anywhere_hit
+            kv.recomputed_tokens += recomputed
+
+        groups: list[QueryGroup] = []
+        anchor_shared = [placements[0].node] if anchor_chunk is not None else []
+        for node in mine:  # chunk nodes computed at their canonical positions
+            shared = [] if node.parent is kv.root else [_node_segment(anchor_shared[0])]
+            groups.append(
+                QueryGroup(
+                    positions=list(range(node.start, node.end)),
+                    token_ids=list(node.chunk.token_ids),
+                    slots=segment_slots(node.pages, 0, node.num_tokens, size),
+                    shared=shared,
+                    own=_node_segment(node),
+                )
+            )
+        copies: list[tuple[int, int]] = []
+        segments = [p.segment() for p in placements]
+        for j, p in enumerate(placements):
+            if not p.recompute:
+                continue
+            redo = set(p.recompute)
+            for page, dst in p.cow.items():  # the node's slots that are not recomputed
+                for i in range(page * size, min((page + 1) * size, p.num_tokens)):
+                    if i not in redo:
+                        copies.append((p.node.pages[page] * size + i % size, dst * size + i % size))
+            tokens = p.node.chunk.token_ids
+            for a, b in runs(p.recompute):
+                groups.append(
+                    QueryGroup(
+                        positions=list(range(p.offset + a, p.offset + b)),
+                        token_ids=list(tokens[a:b]),
+                        slots=[p.slot(i, size) for i in range(a, b)],
+                        shared=segments[:j],
+                        own=segments[j].truncated(b, size),
+                        k_delta=p.delta,
+                    )
+                )
+        num_extra = sum(len(g.positions) for g in groups)
+        groups.append(self._private_group(seq, seq.private_start))
+        return ScheduledSeq(
+            seq=seq,
+            q_start=seq.private_start,
+            slots=[],
+            copies=copies,
+            page_table=[],
+            groups=groups,
+            num_extra_rows=num_extra,
+        )
+
+    def _private_group(self, seq: Sequence, q_start: int) -> QueryGroup:
+        """Rows [q_start, len(token_ids)) of the private segment, reading every placement."""
+        end, first = len(seq.token_ids), seq.private_start
+        return QueryGroup(
+            positions=list(range(q_start, end)),
+            token_ids=seq.token_ids[q_start:end],
+            slots=segment_slots(seq.private_pages, q_start - first, end - first, self.page_size),
+            shared=[p.segment() for p in seq.placements],
+            own=Segment(seq.private_pages, end - first),
+        )
+
+
+def _node_segment(node: ChunkNode) -> Segment:
+    return Segment(node.pages, node.num_tokens)

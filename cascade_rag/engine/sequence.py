@@ -63,7 +63,10 @@ class Sequence:
     """One request's state. `token_ids` = prompt + generated tokens so far.
 
     While RUNNING it pins `nodes` (its chain of chunk nodes) and owns `private_pages`
-    (the pages of positions after the chain). `num_kv` tokens have KV in the cache; the
+    (the pages of positions after the chain). With reuse anywhere (engine/segments.py) its
+    nodes are `placements` (the anchor first), its private pages hold positions
+    [private_start, len(token_ids)) from slot 0, and `cow_pages` are its private copies of
+    chunk pages that hold recomputed tokens. `num_kv` tokens have KV in the cache; the
     tokens after that are computed by the next step.
     """
 
@@ -79,6 +82,10 @@ class Sequence:
     private_pages: list[int] = field(default_factory=list)
     num_kv: int = 0
     num_cached_tokens: int | None = None  # prompt tokens reused at first admission
+    num_recomputed_tokens: int = 0  # tokens of reused chunks recomputed in context (anywhere)
+    placements: list = field(default_factory=list)  # segments.Placement, prompt order
+    private_start: int = 0  # reuse anywhere: first position of the private segment
+    cow_pages: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     isolate: bool = False  # its batch failed: run its next step alone to find the culprit
     num_prompt_computed: int = 0  # prompt positions computed at least once (for usage stats)

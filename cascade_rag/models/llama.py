@@ -6,8 +6,10 @@ a float32 `inv_freq`, separate q/k/v projections, SiLU-gated MLP), so that greed
 CPU in float32 matches transformers token for token.
 
 This module does not own the KV cache and does not compute attention: every layer rotates
-q and k itself and hands them to the attention backend (`cascade_rag.attention`), which writes
-the cache pages and attends. It has no sampling, batching or scheduling logic.
+q and k at their positions in the request (`cascade_rag.attention.rope`, shared with the
+backends, which shift the rotation of reused chunks) and hands them to the attention backend
+(`cascade_rag.attention`), which writes the cache pages and attends. It has no sampling,
+batching or scheduling logic.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cascade_rag.attention import AttentionBackend
+from cascade_rag.attention.rope import apply_rotary
 from cascade_rag.models.config import ModelConfig
 
 
@@ -96,18 +99,6 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None].float() * self.inv_freq.to(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: [num_tokens, num_heads, head_dim] by cos, sin: [num_tokens, head_dim]."""
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    return (x * cos) + (_rotate_half(x) * sin)
 
 
 class LlamaAttention(nn.Module):

@@ -11,8 +11,8 @@ so its KV is exactly what full prefill computes.
 
 Layout. In this mode every owner of KV (chunk node or a request's private tokens) keeps its
 tokens from slot 0 of its first page (`ChunkKVCache(segment_layout=True)`), so each is a
-FlashInfer-style page list in which only the last page is partial (DESIGN.md rule 3, "one level
-per partial chunk"). A request's attention is a list of segments: the anchor (delta 0), each
+FlashInfer-style page list in which only the last page is partial (docs/design.md rule 3, "one
+level per partial chunk"). A request's attention is a list of segments: the anchor (delta 0), each
 placed chunk (its delta), and its private tokens (causal, delta 0), merged with log-sum-exp as
 cascade levels are.
 

@@ -146,11 +146,11 @@ class GrammarCompiler:
                     if t < self.vocab_size:
                         bits.view(np.uint32)[i, t // 32] |= np.uint32(1 << (t % 32))
         empty = ~bits.any(axis=1)
-        if empty.any():
-            i = int(np.flatnonzero(empty)[0])
-            raise ConstraintError(
-                f"row {i}: the constraint allows no next token ({states[i].error or 'no match'})"
-            )
+        for i, s in enumerate(states):
+            if empty[i] or s.matcher.is_error():  # a failed matcher would only allow EOS
+                raise ConstraintError(
+                    f"row {i}: the constraint allows no next token ({s.error or 'no match'})"
+                )
         return bits
 
 

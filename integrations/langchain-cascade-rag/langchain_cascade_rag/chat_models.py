@@ -5,23 +5,30 @@ with the model's chat template). The engine caches repeated prompt prefixes on i
 chain that stuffs the same documents or system prompt into every prompt reuses their KV with
 no cascade-specific code; `chunks=` passes retrieved documents explicitly as cascade chunks.
 
-It does not call tools, produce structured output or read images, audio or files.
+Tools (`bind_tools`) and structured output (`with_structured_output`) run under the engine's
+grammar-constrained decoding: a tool call always names a bound tool with arguments valid
+against its schema, and structured output always parses (unless cut by `max_tokens`).
+
+It does not run tools or read images, audio or files.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
 from langchain_core.runnables.config import get_config_list
+from pydantic import BaseModel
 from typing_extensions import override
 
-from langchain_cascade_rag import _batch
+from langchain_cascade_rag import _batch, _tools
 from langchain_cascade_rag._engine import (
     CascadeEngineParams,
     composition_chunks,
@@ -76,6 +83,26 @@ class ChatCascadeRAG(BaseChatModel, CascadeEngineParams):
         llm.batch(["What is RAG?", "What is a KV cache?"])
         ```
 
+    Tool calling (the call is decoded under a grammar of the bound tools' schemas):
+        ```python
+        llm_tools = llm.bind_tools([get_weather], tool_choice="any")  # or "auto", a name
+        msg = llm_tools.invoke("What is the weather in Plum?")
+        msg.tool_calls  # [{"name": "get_weather", "args": {"city": "Plum"}, "id": ...}]
+        ```
+        Feed results back as `ToolMessage`s after the `AIMessage`. SmolLM2's chat template
+        takes no tools, so they are described in the system prompt
+        (`cascade_rag.tools.DEFAULT_TOOL_PROMPT`); one call per answer unless
+        `parallel_tool_calls=True`.
+
+    Structured output (json_schema: the answer is decoded under the schema; function_calling:
+    a forced tool call; json_mode: any JSON object):
+        ```python
+        class Person(BaseModel):
+            name: str
+            age: int
+        llm.with_structured_output(Person).invoke("Invent a person.")  # Person(...)
+        ```
+
     Chunk cache: a prompt that starts like an earlier one (same system prompt, same stuffed
     documents) reuses that prefix's KV; `usage_metadata["input_token_details"]["cache_read"]`
     counts the reused input tokens.
@@ -108,12 +135,27 @@ class ChatCascadeRAG(BaseChatModel, CascadeEngineParams):
     # ---- requests ----------------------------------------------------------------------
 
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict):
-        """(engine prompt, SamplingParams) of one call."""
+        """(engine prompt, SamplingParams, chat plan or None) of one call."""
+        kwargs = dict(kwargs)
+        tool_kwargs = {k: kwargs.pop(k) for k in _tools.TOOL_FIELDS if k in kwargs}
+        kwargs.pop("ls_structured_output_format", None)  # LangChain's tracing hint
         overrides, chunks = split_call_kwargs(type(self).__name__, kwargs)
         sampling = self.sampling_params(stop, **overrides)
         turns = [_to_turn(m) for m in messages]
+        if _tools.needs_plan(tool_kwargs, messages):
+            if chunks is not None:
+                raise ValueError(
+                    "chunks= cannot be combined with tools, tool messages or a response format; "
+                    "put the documents in the messages (their prefix KV is cached anyway)"
+                )
+            plan = _tools.plan(self.engine, turns, tool_kwargs)
+            if plan.constraint is not None:
+                from dataclasses import replace
+
+                sampling = replace(sampling, constraint=plan.constraint)
+            return plan.prompt, sampling, plan
         if chunks is None:
-            return turns, sampling
+            return [{"role": t["role"], "content": t["content"]} for t in turns], sampling, None
         from cascade_rag.composition import Composition
 
         system = [t["content"] for t in turns if t["role"] == "system"]
@@ -124,33 +166,47 @@ class ChatCascadeRAG(BaseChatModel, CascadeEngineParams):
                 f"message (the query); got roles {[t['role'] for t in turns]}. Put earlier "
                 "turns into the query text, or call without chunks= (prefixes are cached anyway)"
             )
-        return Composition(
-            query=rest[0]["content"],
-            chunks=composition_chunks(self.engine, chunks),
-            system="\n\n".join(system) if system else None,
-        ), sampling
-
-    def _result(self, output) -> ChatResult:
-        info = _response_metadata(self.model_name, output)
-        message = AIMessage(
-            content=output.text,
-            usage_metadata=usage_metadata(output.usage),
-            response_metadata=info,
+        return (
+            Composition(
+                query=rest[0]["content"],
+                chunks=composition_chunks(self.engine, chunks),
+                system="\n\n".join(system) if system else None,
+            ),
+            sampling,
+            None,
         )
+
+    def _result(self, output, plan=None) -> ChatResult:
+        info = _response_metadata(self.model_name, output)
+        extra = {"usage_metadata": usage_metadata(output.usage), "response_metadata": info}
+        if plan is not None:
+            message = _tools.ai_message(plan, output.text, output.finish_reason, **extra)
+            info = message.response_metadata
+        else:
+            message = AIMessage(content=output.text, **extra)
         return ChatResult(generations=[ChatGeneration(message=message, generation_info=info)])
 
-    def _chunk(self, delta) -> ChatGenerationChunk | None:
+    def _chunk(self, delta, parser=None) -> ChatGenerationChunk | None:
         if delta.output is None:
-            if not delta.text:
+            text = delta.text
+            if parser is not None:
+                text = "".join(d["content"] for d in parser.feed(delta.text))
+            if not text:
                 return None
-            return ChatGenerationChunk(message=AIMessageChunk(content=delta.text))
+            return ChatGenerationChunk(message=AIMessageChunk(content=text))
         info = _response_metadata(self.model_name, delta.output)
-        message = AIMessageChunk(
-            content=delta.text,
-            usage_metadata=usage_metadata(delta.output.usage),
-            response_metadata=info,
-            chunk_position="last",
-        )
+        extra = {
+            "usage_metadata": usage_metadata(delta.output.usage),
+            "response_metadata": info,
+            "chunk_position": "last",
+        }
+        if parser is not None:
+            head = "".join(d["content"] for d in parser.feed(delta.text))
+            message = _tools.stream_end(parser, delta.output.finish_reason, **extra)
+            message.content = head + message.content
+            info = message.response_metadata
+        else:
+            message = AIMessageChunk(content=delta.text, **extra)
         return ChatGenerationChunk(message=message, generation_info=info)
 
     # ---- LangChain hooks ---------------------------------------------------------------
@@ -162,8 +218,8 @@ class ChatCascadeRAG(BaseChatModel, CascadeEngineParams):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        prompt, sampling = self._request(messages, stop, kwargs)
-        return self._result(_batch.generate(self.engine, prompt, sampling))
+        prompt, sampling, plan = self._request(messages, stop, kwargs)
+        return self._result(_batch.generate(self.engine, prompt, sampling), plan)
 
     def _stream(
         self,
@@ -172,10 +228,11 @@ class ChatCascadeRAG(BaseChatModel, CascadeEngineParams):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        prompt, sampling = self._request(messages, stop, kwargs)
+        prompt, sampling, plan = self._request(messages, stop, kwargs)
         _batch.release(self.engine)  # a streamed request does not wait for a batch
+        parser = plan.stream_parser() if plan is not None else None
         for delta in self.engine.stream(prompt, sampling):
-            chunk = self._chunk(delta)
+            chunk = self._chunk(delta, parser)
             if chunk is None:
                 continue
             if run_manager:
@@ -189,8 +246,8 @@ class ChatCascadeRAG(BaseChatModel, CascadeEngineParams):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        prompt, sampling = self._request(messages, stop, kwargs)
-        return self._result(await self.engine.agenerate(prompt, sampling))
+        prompt, sampling, plan = self._request(messages, stop, kwargs)
+        return self._result(await self.engine.agenerate(prompt, sampling), plan)
 
     async def _astream(
         self,
@@ -199,14 +256,95 @@ class ChatCascadeRAG(BaseChatModel, CascadeEngineParams):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        prompt, sampling = self._request(messages, stop, kwargs)
+        prompt, sampling, plan = self._request(messages, stop, kwargs)
+        parser = plan.stream_parser() if plan is not None else None
         async for delta in self.engine.astream(prompt, sampling):
-            chunk = self._chunk(delta)
+            chunk = self._chunk(delta, parser)
             if chunk is None:
                 continue
             if run_manager:
                 await run_manager.on_llm_new_token(delta.text, chunk=chunk)
             yield chunk
+
+    # ---- tools and structured output ---------------------------------------------------
+
+    @override
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | Any],
+        *,
+        tool_choice: str | dict | bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools; the model then answers with text or calls of them (under a grammar).
+
+        Args:
+            tools: LangChain tools, pydantic models, typed functions or OpenAI tool dicts.
+            tool_choice: "auto" (default: text or calls), "any" / "required" / True (at least
+                one call), a tool's name or `{"type": "function", "function": {"name": ...}}`
+                (exactly that tool), "none" / False (no call).
+            parallel_tool_calls: allow several calls in one answer (default: one).
+        """
+        bound: dict[str, Any] = {"tools": _tools.format_tools(tools)}
+        if tool_choice is not None:
+            bound["tool_choice"] = tool_choice
+        if parallel_tool_calls is not None:
+            bound["parallel_tool_calls"] = parallel_tool_calls
+        return self.bind(**bound, **kwargs)
+
+    @override
+    def with_structured_output(
+        self,
+        schema: dict | type,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | Any]:
+        """A runnable whose output follows `schema` (a pydantic model, TypedDict or JSON
+        schema dict).
+
+        Args:
+            schema: the output schema (ignored for json_mode except for parsing into it).
+            method: "json_schema" (default): the answer is decoded under the schema;
+                "function_calling": a forced call of a tool with the schema as arguments;
+                "json_mode": any JSON object (say in the prompt what it should hold).
+            include_raw: return `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}`.
+            strict: accepted for compatibility; decoding is always strict here.
+        """
+        if kwargs:
+            raise TypeError(f"with_structured_output got unexpected arguments {sorted(kwargs)}")
+        if method == "function_calling":
+            return super().with_structured_output(schema, include_raw=include_raw)
+        is_model = isinstance(schema, type) and issubclass(schema, BaseModel)
+        if method == "json_schema":
+            tool = _tools.format_tools([schema])[0]["function"]
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": tool["name"], "schema": tool["parameters"]},
+            }
+        elif method == "json_mode":
+            response_format = {"type": "json_object"}
+        else:
+            raise ValueError(
+                f"method={method!r}; use 'json_schema', 'function_calling' or 'json_mode'"
+            )
+        llm = self.bind(
+            response_format=response_format,
+            ls_structured_output_format={"kwargs": {"method": method}, "schema": schema},
+        )
+        parser = PydanticOutputParser(pydantic_object=schema) if is_model else JsonOutputParser()
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(
+            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+        )
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks(
+            [fallback], exception_key="parsing_error"
+        )
 
     @override
     def batch(
@@ -234,8 +372,8 @@ class ChatCascadeRAG(BaseChatModel, CascadeEngineParams):
         )
 
 
-def _to_turn(message: BaseMessage) -> dict[str, str]:
-    """One `{"role", "content"}` chat turn of the engine."""
+def _to_turn(message: BaseMessage) -> dict[str, Any]:
+    """One chat turn of the engine: `{"role", "content"}`, with tool calls / results."""
     if isinstance(message, ChatMessage):
         role = message.role
     elif message.type in _ROLES:
@@ -245,7 +383,7 @@ def _to_turn(message: BaseMessage) -> dict[str, str]:
             f"ChatCascadeRAG cannot send a {type(message).__name__} (type {message.type!r}); "
             "use system, human, ai, tool or ChatMessage"
         )
-    return {"role": role, "content": _text(message)}
+    return _tools.to_message(message, _text(message), role)
 
 
 def _text(message: BaseMessage) -> str:
@@ -259,6 +397,8 @@ def _text(message: BaseMessage) -> str:
             parts.append(block.get("text", ""))
         elif block.get("type") in ("reasoning", "thinking"):
             continue  # an earlier turn's hidden reasoning is not replayed
+        elif block.get("type") in ("tool_use", "tool_call", "function_call"):
+            continue  # the message's tool_calls carry the call
         else:
             raise ValueError(
                 f"ChatCascadeRAG takes text only; got a {block.get('type')!r} content block in "

@@ -6,8 +6,11 @@ system prompt, a retrieved context that comes back), so each reply reports how m
 tokens came from that cache. The async methods await the engine itself; concurrent awaits are
 served together in one engine batch.
 
-It does not call tools or functions, read images or other non-text content, or retrieve
-documents (see `llama-index-retrievers-cascade-rag`).
+It is a function-calling LLM: `chat_with_tools`, `predict_and_call`, `FunctionAgent`,
+`structured_predict` and `as_structured_llm` work, and each tool call is decoded under a
+grammar of the tools' schemas, so it names a given tool with valid arguments. It does not read
+images or other non-text content, or retrieve documents (see
+`llama-index-retrievers-cascade-rag`).
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
     TextBlock,
+    ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.types import BaseOutputParser, PydanticProgramMode
+from llama_index.llms.cascade_rag import _tools
 from llama_index.llms.cascade_rag._arguments import unknown_arguments_error
 
 from cascade_rag.llm import CascadeEngine
@@ -68,7 +74,7 @@ _ROLE_ALIASES = {
 }
 
 
-class CascadeRAG(CustomLLM):
+class CascadeRAG(FunctionCallingLLM):
     """A local cascade-rag engine as a LlamaIndex LLM (chat model).
 
     Args:
@@ -201,7 +207,7 @@ class CascadeRAG(CustomLLM):
             context_window=self._engine.max_model_len,
             num_output=self.max_tokens,
             is_chat_model=True,
-            is_function_calling_model=False,
+            is_function_calling_model=True,
             model_name=self._engine.model_name,
             system_role=MessageRole.SYSTEM,
         )
@@ -275,45 +281,92 @@ class CascadeRAG(CustomLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        """Reply to chat messages, formatted by the model's chat template."""
-        output = self._engine.generate(_engine_messages(messages), self._sampling(kwargs))
-        return _chat_response(output.text, None, output)
+        """Reply to chat messages, formatted by the model's chat template.
+
+        With `tools=` (OpenAI tool dicts, as `chat_with_tools` passes them) the reply is text
+        or tool calls (`ToolCallBlock`s), decoded under a grammar of the tools' schemas.
+        """
+        prompt, params, plan = self._chat_request(messages, kwargs)
+        output = self._engine.generate(prompt, params)
+        return _chat_response(output.text, None, output, plan)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         """Stream `chat`: each response has the reply so far and the new `delta`."""
-        engine_messages = _engine_messages(messages)
-        params = self._sampling(kwargs)
+        prompt, params, plan = self._chat_request(messages, kwargs)
 
         def gen() -> ChatResponseGen:
             text = ""
-            for delta in self._engine.stream(engine_messages, params):
+            parser = plan.stream_parser() if plan is not None else None
+            for delta in self._engine.stream(prompt, params):
                 text += delta.text
-                yield _chat_response(text, delta.text, delta.output)
+                yield _chat_response(text, _shown(parser, delta.text), delta.output, plan)
 
         return gen()
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Async `chat`; concurrent awaits share engine steps."""
-        output = await self._engine.agenerate(_engine_messages(messages), self._sampling(kwargs))
-        return _chat_response(output.text, None, output)
+        prompt, params, plan = self._chat_request(messages, kwargs)
+        output = await self._engine.agenerate(prompt, params)
+        return _chat_response(output.text, None, output, plan)
 
     @llm_chat_callback()
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
         """Async `stream_chat`."""
-        engine_messages = _engine_messages(messages)
-        params = self._sampling(kwargs)
+        prompt, params, plan = self._chat_request(messages, kwargs)
 
         async def gen() -> ChatResponseAsyncGen:
             text = ""
-            async for delta in self._engine.astream(engine_messages, params):
+            parser = plan.stream_parser() if plan is not None else None
+            async for delta in self._engine.astream(prompt, params):
                 text += delta.text
-                yield _chat_response(text, delta.text, delta.output)
+                yield _chat_response(text, _shown(parser, delta.text), delta.output, plan)
 
         return gen()
+
+    # ---- function calling --------------------------------------------------------------
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[Any],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """`chat` arguments for a turn with tools: 'required' when `tool_required`, else
+        'auto' (or `tool_choice`: a tool name, 'none', ...)."""
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        if tool_choice is None:
+            tool_choice = "required" if tool_required else "auto"
+        return {
+            "messages": messages,
+            "tools": _tools.tool_specs(tools),
+            "tool_choice": tool_choice,
+            "parallel_tool_calls": allow_parallel_tool_calls,
+            **kwargs,
+        }
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        """The `ToolSelection`s of a reply (its `ToolCallBlock`s)."""
+        selections = _tools.tool_selections(response.message)
+        if not selections and error_on_no_tool_call:
+            raise ValueError(
+                f"the model answered without a tool call: {response.message.content!r:.200}"
+            )
+        return selections
 
     # ---- internals ---------------------------------------------------------------------
 
@@ -335,6 +388,34 @@ class CascadeRAG(CustomLLM):
         if options["stop"] is None:
             options["stop"] = ()
         return SamplingParams(**options)
+
+    def _chat_request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]):
+        """(engine prompt, SamplingParams, chat plan or None) of a chat call."""
+        kwargs = dict(kwargs)
+        tool_kwargs = {k: kwargs.pop(k) for k in _tools.TOOL_KWARGS if k in kwargs}
+        params = self._sampling(kwargs)
+        turns = _engine_messages(messages)
+        if not tool_kwargs.get("tools") and not any(_tools.is_tool_turn(m) for m in messages):
+            return turns, params, None
+        from dataclasses import replace
+
+        from cascade_rag.openai_tools import prepare_chat
+
+        for turn, message in zip(turns, messages):
+            if message.role == MessageRole.TOOL:
+                turn.update(_tools.tool_message_fields(message))
+            elif calls := _tools.message_calls(message):
+                turn["tool_calls"] = calls
+        plan = prepare_chat(
+            self._engine,
+            turns,
+            tools=tool_kwargs.get("tools") or None,
+            tool_choice=tool_kwargs.get("tool_choice") if tool_kwargs.get("tools") else None,
+            parallel_tool_calls=bool(tool_kwargs.get("parallel_tool_calls")),
+        )
+        if plan.constraint is not None:
+            params = replace(params, constraint=plan.constraint)
+        return plan.prompt, params, plan
 
     def _completion_prompt(self, prompt: str, formatted: bool) -> str | list[dict[str, str]]:
         if not isinstance(prompt, str):
@@ -359,7 +440,7 @@ def _engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
         for block in message.blocks:
             if isinstance(block, TextBlock):
                 texts.append(block.text)
-            elif not isinstance(block, CachePoint):  # caching is automatic; the hint is moot
+            elif not isinstance(block, (CachePoint, ToolCallBlock)):  # calls: see _tools
                 raise TypeError(
                     f"CascadeRAG reads text only; a {message.role.value} message has a "
                     f"{type(block).__name__}"
@@ -398,10 +479,22 @@ def _completion_response(
     )
 
 
-def _chat_response(text: str, delta: str | None, output: GenerationOutput | None) -> ChatResponse:
-    message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
+def _chat_response(
+    text: str, delta: str | None, output: GenerationOutput | None, plan=None
+) -> ChatResponse:
+    if output is not None and plan is not None:
+        message = _tools.reply_message(plan, text, output.finish_reason)
+    else:
+        message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
     if output is None:
         return ChatResponse(message=message, delta=delta)
     return ChatResponse(
         message=message, delta=delta, raw=_raw(output), additional_kwargs=_usage(output)
     )
+
+
+def _shown(parser, text: str) -> str:
+    """The part of a streamed piece to show: a tool call is not streamed as text."""
+    if parser is None:
+        return text
+    return "".join(d["content"] for d in parser.feed(text))

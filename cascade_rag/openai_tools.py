@@ -31,6 +31,7 @@ from cascade_rag.tools import (
     ToolPrompt,
     check_tool_choice,
     check_tools,
+    close_objects,
     prepare_tools,
 )
 
@@ -53,8 +54,9 @@ def response_format_schema(response_format: Mapping[str, Any] | None) -> dict | 
             raise ValueError(
                 "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}"
             )
-        schema = spec.get("schema", {})
-        return Constraint(json_schema=schema).json_schema  # checked here: a 400, not a 500
+        schema = Constraint(json_schema=spec.get("schema", {})).json_schema  # a 400, not a 500
+        # strict (OpenAI's structured outputs): no keys beyond the schema's properties
+        return close_objects(schema) if spec.get("strict") else schema
     raise ValueError(
         f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
         "'json_schema'"

@@ -301,7 +301,10 @@ def tool_constraint(
     for i, tool in enumerate(chosen):
         schema = {
             "type": "object",
-            "properties": {"name": {"const": tool.name}, fmt.arguments_key: tool.parameters},
+            "properties": {
+                "name": {"const": tool.name},
+                fmt.arguments_key: close_objects(tool.parameters),
+            },
             "required": ["name", fmt.arguments_key],
             "additionalProperties": False,
         }
@@ -328,6 +331,32 @@ def tool_constraint(
     else:
         lines.insert(0, "start: calls")
     return Constraint(grammar="\n".join(lines) + "\n", stop_after=stop_after)
+
+
+def close_objects(schema: Any) -> Any:
+    """A copy of a JSON schema in which every object schema that does not say otherwise has
+    `"additionalProperties": false`.
+
+    Every instance of the result is an instance of the original; decoding under it keeps a
+    model from inventing keys (a small model copies schema keywords into the arguments
+    otherwise). Tool arguments are always decoded under the closed schema.
+    """
+    if isinstance(schema, list):
+        return [close_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions", "patternProperties"):
+            out[key] = {k: close_objects(v) for k, v in value.items()}
+        elif key in ("items", "additionalItems", "anyOf", "oneOf", "allOf", "prefixItems", "not"):
+            out[key] = close_objects(value)
+        else:
+            out[key] = value
+    is_object = out.get("type") == "object" or "properties" in out
+    if is_object and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _json_rule(schema: Any) -> str:
@@ -383,6 +412,7 @@ __all__ = [
     "call_format",
     "check_tool_choice",
     "check_tools",
+    "close_objects",
     "new_call_id",
     "parse_tool_calls",
     "prepare_tools",

@@ -36,6 +36,7 @@ from cascade_rag.tools import (
     ToolCall,
     check_tool_choice,
     check_tools,
+    close_objects,
     parse_tool_calls,
     prepare_tools,
     template_supports_tools,
@@ -222,6 +223,29 @@ def test_grammar_by_tool_choice(compiler, tokenizer):
         assert accepts(compiler, tokenizer, constraint, text) is expected, (text, expected)
 
 
+def test_close_objects():
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+            "c": {"type": "array", "items": {"type": "object", "properties": {}}},
+            "d": {"anyOf": [{"type": "object", "additionalProperties": True}, {"type": "null"}]},
+        },
+    }
+    closed = close_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["c"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["d"]["anyOf"][0]["additionalProperties"] is True
+    assert "additionalProperties" not in schema  # a copy
+
+
+def test_tool_arguments_hold_no_invented_keys(compiler, tokenizer):
+    c = tool_constraint(TOOLS, "get_weather")
+    assert accepts(compiler, tokenizer, c, call_text("get_weather", {"city": "Plum"}))
+    assert not accepts(compiler, tokenizer, c, call_text("get_weather", {"city": "P", "x": 1}))
+
+
 def test_auto_grammar_stop_strings_only_in_text():
     auto = tool_constraint(TOOLS, "auto")
     assert auto.stop_after == "<tool_call>"
@@ -391,7 +415,10 @@ def test_response_format():
     assert constraint_from_response_format({"type": "json_object"}) == Constraint(json_object=True)
     schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
     rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
-    assert constraint_from_response_format(rf) == Constraint(json_schema=schema)
+    closed = {**schema, "additionalProperties": False}  # strict: no invented keys
+    assert constraint_from_response_format(rf) == Constraint(json_schema=closed)
+    assert response_format_schema(rf) == closed
+    rf["json_schema"]["strict"] = False
     assert response_format_schema(rf) == schema
     with pytest.raises(ValueError, match="not supported"):
         constraint_from_response_format({"type": "yaml"})

@@ -323,7 +323,8 @@ class ChatCascadeRAG(BaseChatModel, CascadeEngineParams):
             tool = _tools.format_tools([schema])[0]["function"]
             response_format = {
                 "type": "json_schema",
-                "json_schema": {"name": tool["name"], "schema": tool["parameters"]},
+                # strict: the answer holds the schema's keys only (see close_objects)
+                "json_schema": {"name": tool["name"], "schema": tool["parameters"], "strict": True},
             }
         elif method == "json_mode":
             response_format = {"type": "json_object"}

@@ -206,8 +206,8 @@ def test_per_call_sampling_overrides(chat):
     a = chat.invoke("Tell me a story.", temperature=1.0, seed=3, max_tokens=6)
     b = chat.invoke("Tell me a story.", temperature=1.0, seed=3, max_tokens=6)
     assert a.content == b.content
-    with pytest.raises(TypeError, match="tools"):
-        chat.invoke("Hello", tools=[])
+    with pytest.raises(TypeError, match="functions"):
+        chat.invoke("Hello", functions=[])
 
 
 # ---- usage and the chunk cache -------------------------------------------------------------
@@ -441,3 +441,61 @@ def test_retriever_wraps_a_cascade_retriever(engine, index):
         CascadeRAGRetriever(retriever=Retriever(engine, index), index=index)
     with pytest.raises(ValueError, match="index="):
         CascadeRAGRetriever()
+
+
+# ---- tools and structured output ------------------------------------------------------------
+
+
+def test_bind_tools_calls_are_valid_and_feed_back(engine):
+    from langchain_core.messages import ToolMessage
+    from langchain_core.tools import tool
+
+    @tool
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    model = ChatCascadeRAG(engine=engine, max_tokens=60)
+    forced = model.bind_tools([multiply], tool_choice="any")
+    msg = forced.invoke("What is 3 times 4?")
+    (call,) = msg.tool_calls
+    assert call["name"] == "multiply" and set(call["args"]) == {"a", "b"}
+    assert msg.response_metadata["finish_reason"] == "tool_calls" and msg.content == ""
+    named = model.bind_tools([multiply], tool_choice="multiply").invoke("Hi")
+    assert named.tool_calls[0]["name"] == "multiply"
+    # streamed: no text chunks, the call arrives as tool_call_chunks that add up
+    full = None
+    for chunk in forced.stream("What is 3 times 4?"):
+        assert not chunk.content
+        full = chunk if full is None else full + chunk
+    assert full.tool_calls[0]["args"] == call["args"]
+    # the result goes back as a ToolMessage; tool_choice none answers in text
+    result = multiply.invoke(call)
+    assert isinstance(result, ToolMessage)
+    answer = model.bind_tools([multiply], tool_choice="none").invoke(
+        [HumanMessage("What is 3 times 4?"), msg, result]
+    )
+    assert answer.content and not answer.tool_calls
+    with pytest.raises(ValueError, match="chunks="):
+        forced.invoke("What is 3 times 4?", chunks=["Three times four is twelve."])
+
+
+def test_with_structured_output_methods(engine):
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    model = ChatCascadeRAG(engine=engine, max_tokens=60)
+    for method in ("json_schema", "function_calling", "json_mode"):
+        out = model.with_structured_output(Person, method=method, include_raw=True).invoke(
+            "Invent a person; answer as JSON with a name and an age."
+        )
+        assert isinstance(out["parsed"], Person), (method, out)
+        assert out["parsing_error"] is None and isinstance(out["raw"], AIMessage)
+    schema = {"title": "city", "type": "object", "properties": {"name": {"type": "string"}}}
+    as_dict = model.with_structured_output(schema).invoke("Name a city.")
+    assert set(as_dict) <= {"name"}
+    with pytest.raises(ValueError, match="method"):
+        model.with_structured_output(Person, method="xml")

@@ -94,7 +94,7 @@ def test_is_a_llamaindex_llm_with_the_engines_metadata(llm, engine):
     assert meta.context_window == engine.max_model_len
     assert meta.context_window == engine.model_config.max_position_embeddings  # the real window
     assert meta.num_output == 24
-    assert meta.is_chat_model and not meta.is_function_calling_model
+    assert meta.is_chat_model and meta.is_function_calling_model
     assert meta.model_name == engine.model_name == llm.model
     assert CascadeRAG.class_name() == "CascadeRAG"
 
@@ -347,3 +347,59 @@ def test_query_engine_answers_with_chunk_cache_hits(mode, canonical_order, index
         after.prompt_tokens - before.prompt_tokens
     )
     assert hit_rate > 0.2, (mode, hit_rate)
+
+
+# ---- function calling and structured output ---------------------------------------------------
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers."""
+    return a * b
+
+
+def test_chat_with_tools_required_gives_a_valid_tool_selection(engine):
+    from llama_index.core.tools import FunctionTool
+
+    llm = CascadeRAG(engine, max_tokens=60)
+    tool = FunctionTool.from_defaults(fn=multiply)
+    reply = llm.chat_with_tools([tool], user_msg="What is 3 times 4?", tool_required=True)
+    (selection,) = llm.get_tool_calls_from_response(reply)
+    assert selection.tool_name == "multiply" and selection.tool_id.startswith("call_")
+    assert set(selection.tool_kwargs) == {"a", "b"}
+    assert all(isinstance(v, int) for v in selection.tool_kwargs.values())
+    called = llm.predict_and_call([tool], user_msg="What is 3 times 4?", tool_required=True)
+    a, b = selection.tool_kwargs["a"], selection.tool_kwargs["b"]
+    assert called.response == str(a * b) and called.sources[0].tool_name == "multiply"
+    # streamed: the call is not shown as text; the last response carries it
+    responses = list(llm.stream_chat_with_tools([tool], "What is 3 times 4?", tool_required=True))
+    assert all(not r.delta for r in responses)
+    assert llm.get_tool_calls_from_response(responses[-1])[0].tool_kwargs == selection.tool_kwargs
+    # the result goes back as a tool message
+    history = [ChatMessage(role="user", content="What is 3 times 4?"), reply.message]
+    history.append(
+        ChatMessage(
+            role="tool", content=str(a * b), additional_kwargs={"tool_call_id": selection.tool_id}
+        )
+    )
+    answer = llm.chat_with_tools([tool], chat_history=history, tool_choice="none")
+    assert answer.message.content and not llm.get_tool_calls_from_response(
+        answer, error_on_no_tool_call=False
+    )
+
+
+def test_structured_predict_and_structured_llm(engine):
+    from llama_index.core.prompts import PromptTemplate
+    from pydantic import BaseModel
+
+    class Song(BaseModel):
+        title: str
+        year: int
+
+    llm = CascadeRAG(engine, max_tokens=60)
+    song = llm.structured_predict(
+        Song, PromptTemplate("Invent a song about {topic}."), topic="rain"
+    )
+    assert isinstance(song, Song)
+    structured = llm.as_structured_llm(Song)
+    reply = structured.chat([ChatMessage(role="user", content="Invent a song about snow.")])
+    assert isinstance(Song.model_validate_json(reply.message.content), Song)

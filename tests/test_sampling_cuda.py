@@ -102,3 +102,57 @@ def test_cuda_step_synchronises_once():
             torch.cuda.set_sync_debug_mode("default")
         syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
         assert len(syncs) == 1, syncs  # the final .tolist()
+
+
+def test_cuda_constrained_rows_match_cpu_and_stay_valid():
+    """Masks applied on CUDA: greedy constrained rows pick what they pick on the CPU, sampled
+    constrained rows only produce matches, unconstrained rows are untouched."""
+    pytest.importorskip("llguidance")
+    import re
+
+    from cascade_rag.sampling import Constraint, GrammarCompiler
+    from cascade_rag.testing import byte_bpe_tokenizer
+
+    tok = byte_bpe_tokenizer(600)
+    vocab, eos = len(tok), tok.eos_token_id
+    compiler = GrammarCompiler(tok, vocab, [eos])
+    pattern = r"(word|token|piece)[0-9]{1,3}( (word|token|piece)[0-9]{1,3}){0,3}"
+    constraint = Constraint(regex=pattern)
+    rows = [
+        SamplingParams(max_tokens=40, constraint=constraint),
+        SamplingParams(max_tokens=40, temperature=1.0, seed=5, constraint=constraint),
+        SamplingParams(max_tokens=40),
+    ]
+
+    def decode(device: str) -> list[list[int]]:
+        g = torch.Generator().manual_seed(1)
+        sampler = Sampler([eos])
+        states = [compiler.start(p.constraint) if p.constraint else None for p in rows]
+        gens = [make_generator(p.seed, device) for p in rows]
+        out: list[list[int]] = [[] for _ in rows]
+        live = list(range(len(rows)))
+        for _ in range(40):
+            # every row's logits drawn every step, so rows that end early change nothing
+            logits = torch.randn(len(rows), vocab, generator=g)[live].to(device)
+            step = sampler.sample_step(
+                logits,
+                [rows[i] for i in live],
+                [gens[i] for i in live],
+                [()] * len(live),
+                [()] * len(live),
+                [states[i] for i in live],
+            )
+            for i, t in zip(live, step.token_ids):
+                if states[i] is not None:
+                    states[i].advance(t)
+                out[i].append(t)
+            live = [i for i in live if out[i][-1] != eos]
+            if not live:
+                break
+        return out
+
+    cpu, cuda = decode("cpu"), decode("cuda")
+    assert cuda[0] == cpu[0]  # greedy constrained
+    assert cuda[2] == cpu[2]  # greedy unconstrained
+    for ids in (cuda[0], cuda[1]):
+        assert ids[-1] == eos and re.fullmatch(pattern, tok.decode(ids[:-1])), tok.decode(ids)

@@ -11,14 +11,20 @@ A client that disconnects (before or during its stream) cancels the awaiting tas
 the engine stream and so aborts the request and frees its KV pages. Errors the caller can fix
 are 400s naming the field; the engine closing is a 503.
 
+Requests with `tools`, tool turns or a JSON `response_format` are planned by
+`cascade_rag.openai_tools.prepare_chat` (prompt with the tools, and a grammar constraint); the
+answer text then becomes an OpenAI message with `tool_calls` where the model called tools.
+
 This module does not route or authenticate (app.py) and does not hold chunks (chunk_store.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -30,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from cascade_rag.chunks import UnknownChunkError
 from cascade_rag.engine.sequence import PreparedPrompt
 from cascade_rag.llm import EngineClosedError
+from cascade_rag.openai_tools import ChatPlan, constraint_from_response_format, prepare_chat
 from cascade_rag.outputs import GenerationOutput, StreamDelta, Usage
 from cascade_rag.sampling import SamplingParams
 from cascade_rag.serving import protocol as p
@@ -59,6 +66,7 @@ class _Run:
     first_at: list[float | None] = field(default_factory=list)
     outputs: list[GenerationOutput | None] = field(default_factory=list)
     ended: bool = False
+    plan: ChatPlan | None = None  # tools / JSON format: how to turn the text into a message
 
 
 class GenerationRoutes:
@@ -80,6 +88,14 @@ class GenerationRoutes:
         r.check_supported_chat(req)
         params = self._sampling(req, chat=True)
         prompt = r.chat_prompt(req, self.state.chunks)
+        plan = None
+        if r.needs_chat_plan(req):
+            prompt, plan, constraint = await self._plan_chat(req, prompt)
+            if constraint is not None:
+                try:
+                    params = dataclasses.replace(params, constraint=constraint)
+                except (TypeError, ValueError) as exc:
+                    raise APIError(400, str(exc), param=_field_of(exc)) from None
         run = _Run(
             "chat",
             model,
@@ -88,8 +104,32 @@ class GenerationRoutes:
             include_usage=r.include_usage(req),
             want_logprobs=req.logprobs,
             rid=p.new_id("chatcmpl"),
+            plan=plan,
         )
         return await self._serve(request, run, [prompt], "messages", stream=req.stream)
+
+    async def _plan_chat(self, req: p.ChatCompletionRequest, prompt):
+        """(prompt, ChatPlan or None, constraint) for tools, tool turns or a JSON format.
+
+        With `chunk_ids` only a `response_format` applies (tools were refused): the chunks'
+        composition stays as it is and only the constraint is added.
+        """
+        try:
+            if req.chunk_ids is not None:
+                return prompt, None, constraint_from_response_format(req.response_format)
+            plan = await asyncio.to_thread(
+                prepare_chat,
+                self.engine,
+                prompt,
+                tools=req.tools,
+                tool_choice=req.tool_choice,
+                parallel_tool_calls=req.parallel_tool_calls,
+                response_format=req.response_format,
+            )
+        except (TypeError, ValueError) as exc:
+            param = "response_format" if req.chunk_ids is not None else _field_of(exc)
+            raise APIError(400, str(exc), param=param) from None
+        return plan.prompt, plan, plan.constraint
 
     async def completions(self, request: Request) -> Response:
         req = p.parse_request(p.CompletionRequest, await request.body())
@@ -177,11 +217,15 @@ class GenerationRoutes:
             )
         offsets = [0] * len(streams)
         merged = _merge(firsts, streams)
+        parser = run.plan.stream_parser() if run.plan is not None else None
         try:
             async for i, delta in merged:
                 if delta.finished:
                     run.outputs[i] = delta.output
-                if delta.text or delta.logprobs or delta.finished:
+                if parser is not None:
+                    for chunk in self._plan_chunks(run, parser, delta):
+                        yield json.dumps(chunk)
+                elif delta.text or delta.logprobs or delta.finished:
                     yield json.dumps(self._chunk(run, i, delta, offsets))
                     offsets[i] += len(delta.text)
             if run.include_usage:
@@ -198,6 +242,31 @@ class GenerationRoutes:
             await merged.aclose()
 
     # ---- building responses ------------------------------------------------------------
+
+    def _plan_chunks(self, run: _Run, parser, delta: StreamDelta) -> list[dict]:
+        """Chat chunks of one engine delta when the answer may be a tool call: text is held
+        back while it could still open a call; a call arrives whole in one `tool_calls` delta
+        (each call with its `index`), then the chunk with the finish reason."""
+        pieces = parser.feed(delta.text) if delta.text else []
+        reason = None
+        if delta.finished:
+            rest, reason = parser.finish(delta.output.finish_reason)
+            pieces += rest
+        logprobs = None
+        if run.want_logprobs and delta.logprobs:
+            logprobs = p.chat_logprobs(delta.logprobs, self._decode)
+        chunks = []
+        for j, piece in enumerate(pieces):
+            lp = logprobs if j == 0 else None
+            chunks.append(
+                p.chat_chunk(run.rid, run.model, run.created, piece, None, lp, run.include_usage)
+            )
+        if delta.finished:
+            lp = logprobs if not pieces else None
+            chunks.append(
+                p.chat_chunk(run.rid, run.model, run.created, {}, reason, lp, run.include_usage)
+            )
+        return chunks
 
     def _chunk(self, run: _Run, i: int, delta: StreamDelta, offsets: list[int]) -> dict:
         reason = delta.output.finish_reason if delta.finished else None
@@ -221,7 +290,10 @@ class GenerationRoutes:
             logprobs = None
             if run.want_logprobs:
                 logprobs = p.chat_logprobs(out.logprobs or [], self._decode)
-            return p.chat_response(run.rid, run.model, run.created, out, logprobs)
+            message, reason = None, None
+            if run.plan is not None:
+                message, reason = run.plan.message(out.text, out.finish_reason)
+            return p.chat_response(run.rid, run.model, run.created, out, logprobs, message, reason)
         choices = []
         for i, out in enumerate(outs):
             logprobs = None
@@ -366,6 +438,12 @@ def _engine_error(exc: BaseException, param: str) -> APIError:
         return APIError(400, f"{param}: {exc}", param=param)
     logger.error("request failed: %r", exc, exc_info=exc)
     return APIError(500, f"the request failed in the engine: {type(exc).__name__}: {exc}")
+
+
+def _field_of(exc: BaseException) -> str | None:
+    """The request field an error names first ("tools: ..." -> "tools")."""
+    match = re.match(r"([a-z_][a-z0-9_]*)(?=[=:])", str(exc))
+    return match[1] if match else None
 
 
 def _sum_usage(usages: list[Usage]) -> Usage:

@@ -120,9 +120,11 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -170,6 +172,7 @@ class ChatCompletionRequest(_Sampling):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     chunk_ids: list[str] | None = None
 
 
@@ -263,8 +266,16 @@ def completion_logprobs(items: list[TokenLogprob], decode, text_offset: int) -> 
 
 
 def chat_response(
-    rid: str, model: str, created: int, out: GenerationOutput, logprobs: dict | None
+    rid: str,
+    model: str,
+    created: int,
+    out: GenerationOutput,
+    logprobs: dict | None,
+    message: dict | None = None,
+    finish_reason: str | None = None,
 ) -> dict:
+    """A chat.completion; `message` / `finish_reason` replace the plain text answer's (a
+    tool-calling answer: `tool_calls` and finish_reason "tool_calls")."""
     return {
         "id": rid,
         "object": "chat.completion",
@@ -273,9 +284,9 @@ def chat_response(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": out.text},
+                "message": message or {"role": "assistant", "content": out.text},
                 "logprobs": logprobs,
-                "finish_reason": out.finish_reason,
+                "finish_reason": finish_reason or out.finish_reason,
             }
         ],
         "usage": usage_dict(out.usage),

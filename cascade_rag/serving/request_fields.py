@@ -1,7 +1,8 @@
 """OpenAI request fields -> engine inputs: `SamplingParams`, chat prompts, completion prompts.
 
-Fields the engine cannot honour (n > 1, tools, logit_bias, JSON response formats, echo, suffix,
-best_of > 1) are refused with a 400 naming them rather than ignored. Messages with role
+Fields the engine cannot honour (n > 1, logit_bias, echo, suffix, best_of > 1) are refused with
+a 400 naming them rather than ignored. `tools`, `tool_choice` and JSON `response_format`s are
+served under constrained decoding (cascade_rag.openai_tools). Messages with role
 "developer" are system messages; content given as a list of text parts is joined.
 
 This module does not validate JSON (protocol.py) or run anything (generation.py).
@@ -79,14 +80,19 @@ def chat_prompt(req: p.ChatCompletionRequest, store):
     registered chunks from `store`, user message]."""
     messages = []
     for i, m in enumerate(req.messages):
-        if m.role == "assistant" and m.content is None:
+        if m.role == "assistant" and m.content is None and not m.tool_calls:
             raise APIError(
                 400,
-                f"messages[{i}]: an assistant message needs content (tool calls are not supported)",
+                f"messages[{i}]: an assistant message needs content or tool_calls",
                 param=f"messages[{i}].content",
             )
         role = "system" if m.role == "developer" else m.role
-        messages.append({"role": role, "content": m.text()})
+        message = {"role": role, "content": m.text() if m.content is not None else None}
+        if m.tool_calls:
+            message["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
     if req.chunk_ids is None:
         return messages
     system = None
@@ -120,16 +126,11 @@ def _check_supported(req) -> None:
 
 def check_supported_chat(req: p.ChatCompletionRequest) -> None:
     _check_supported(req)
-    if req.tools:
-        raise APIError(400, "tools are not supported by this server", param="tools")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "tool_choice is not supported by this server", param="tool_choice")
-    fmt = req.response_format
-    if fmt is not None and fmt.get("type") != "text":
+    if req.chunk_ids is not None and (req.tools or uses_tool_turns(req)):
         raise APIError(
             400,
-            f"response_format type {fmt.get('type')!r} is not supported; only 'text'",
-            param="response_format",
+            "tools cannot be combined with chunk_ids; send the documents in the messages",
+            param="tools",
         )
     if req.logprobs is False and req.top_logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
@@ -162,3 +163,20 @@ def _token_prompt(ids: list[int], param: str) -> PreparedPrompt:
     if not ids:
         raise APIError(400, f"{param} has no token ids", param=param)
     return PreparedPrompt(chunks=(), tail_ids=tuple(ids))
+
+
+def uses_tool_turns(req: p.ChatCompletionRequest) -> bool:
+    """Whether the conversation holds tool calls or tool results (rendered as tool turns)."""
+    return any(m.role == "tool" or m.tool_calls for m in req.messages)
+
+
+def needs_chat_plan(req: p.ChatCompletionRequest) -> bool:
+    """Whether the request needs `openai_tools.prepare_chat`: tools, tool turns, or a JSON
+    response format."""
+    fmt = req.response_format
+    return (
+        bool(req.tools)
+        or req.tool_choice not in (None, "none", "auto")
+        or uses_tool_turns(req)
+        or (fmt is not None and fmt.get("type") != "text")
+    )

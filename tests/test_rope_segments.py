@@ -61,7 +61,8 @@ def test_shift_tables_compose_with_the_rotation():
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize("recompute", [0, 3])
-def test_shifted_chunk_segments_equal_keys_at_true_positions(page_size, recompute):
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "per-level"])
+def test_shifted_chunk_segments_equal_keys_at_true_positions(page_size, recompute, merge):
     """[system | A | B | private] where B was computed right after the system prompt.
 
     B's keys sit at canonical positions 11.. (delta 13 in this request); A is first after the
@@ -151,7 +152,13 @@ def test_shifted_chunk_segments_equal_keys_at_true_positions(page_size, recomput
     )
     attn = TorchAttention(HQ, HKV, HEAD_DIM)
     attn.max_block_scores = 64  # several row chunks and padded batches
+    attn.merge_entries = merge  # unshifted segments read with the causal level, or alone
     attn.plan(metadata)
+    # partial results per row: merged, the system prompt and A join the private rows' causal
+    # entry and B (shifted) stays apart; the recomputed rows read their own keys shifted, so
+    # the system prompt and A stay apart for them
+    partials = attn._plan.out_rows.numel() if attn._plan.out_rows is not None else 0
+    assert partials == 3 * recompute + (2 if merge else 4) * n_tail
     q = rotate_at(torch.cat([q_redo, q_tail]), positions)
     k = rotate_at(torch.cat([k_redo, k_tail]), positions)
     out = attn.forward(q, k, torch.cat([v_redo, v_tail]), k_cache, v_cache)

@@ -14,6 +14,14 @@ Position deltas of reused chunks (`AttentionMetadata.k_rope_delta`, `CascadeLeve
 are turned into rotation tables once per step by `cascade_rag.attention.rope` and applied to the
 gathered query rows of each padded batch and to the new keys before they are written.
 
+Merged entries. An entry of a shared level whose rows are exactly the rows of one entry of the
+last level, and which every row reads with the same position delta as the last level, is read
+as part of that last-level entry (its keys first, so bottom-right causality is unchanged): one
+softmax instead of one more batch and merge. Reuse anywhere gives one such entry per unshifted
+segment of each private query group (the anchor, the first chunk); shifted segments stay levels
+of their own, with their query rows rotated. Exact-prefix cascade levels never qualify (their
+shared entries span several sequences). Results are unchanged beyond rounding.
+
 It does not apply RoPE at positions (q and k arrive rotated by the model), allocate pages, or
 decide the levels (the model runner does), and it has no custom kernels: it is plain PyTorch on
 any device.
@@ -70,9 +78,10 @@ class _Item(NamedTuple):
 
     row_start: int  # first query row
     num_rows: int
-    kv_start: int  # first key, as a position in the level's flat slot list
+    kv_start: int  # first key, as a position in the step's flat slot list
     kv_len: int  # keys read (causal: only those the last row sees)
     diag: int  # causal: row i of the chunk sees keys j < diag + i + 1; non-causal: kv_len
+    level: int = 0  # the level it comes from (its rows' position deltas)
 
 
 @dataclass
@@ -91,9 +100,12 @@ class _Block:
 
 
 @dataclass
-class _LevelPlan:
-    blocks: list[_Block]
-    is_identity: bool  # one block whose n*R rows are exactly the rows 0..num_tokens-1
+class _Merged:
+    """Shared-level entries read with the last level: their slots per last-level entry, and
+    per shared level the entries to skip there."""
+
+    extra: dict[int, list[int]]
+    skipped: list[frozenset[int]]
 
 
 @dataclass
@@ -104,7 +116,9 @@ class _StepPlan:
     slot_mapping: torch.Tensor  # [num_tokens]
     copy_src: torch.Tensor | None  # [num_copies]; None when there are no copies
     copy_dst: torch.Tensor | None
-    levels: list[_LevelPlan]  # levels with at least one non-empty entry
+    blocks: list[_Block]  # items of every level, grouped into padded batches
+    merge: str  # "identity" (one block, rows 0..n-1 in order), "copy" (each row once), "lse"
+    out_rows: torch.Tensor | None  # [num_partials] row of each real output, blocks in order
     k_shift: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [num_tokens, d] for new keys
 
 
@@ -123,6 +137,7 @@ class TorchAttention:
             (times num_qo_heads * 4 bytes) by cutting long entries into row chunks.
         block_overhead: cost of one more batch, in (row, key) pairs: two items share a padded
             batch when the padding costs less than this.
+        merge_entries: read unshifted single-group entries with the last level (docstring).
 
     Example:
         >>> attn = TorchAttention(num_qo_heads=9, num_kv_heads=3, head_dim=64)
@@ -132,6 +147,7 @@ class TorchAttention:
 
     max_block_scores: int = 1 << 18  # ~fastest on a 2-core CPU (9 MiB of scores at 9 heads)
     block_overhead: int = 2048
+    merge_entries: bool = True
     # A shared cascade level pays here only when it saves more key reads per layer than this
     # (2-core CPU, SmolLM2-135M: 8 requests sharing an 1,100-token prefix ran 15-20% faster
     # with cascade, 8 requests sharing 100-650-token runs 13% slower; read by the planner).
@@ -173,26 +189,45 @@ class TorchAttention:
         num_tokens = metadata.num_tokens
         device = metadata.slot_mapping.device
         covered = torch.zeros(num_tokens, dtype=torch.bool)  # rows that see a key somewhere
-        levels = []
         inv_freq = metadata.rope_inv_freq
-        for level in metadata.levels:
-            items, flat_slots = self._level_items(level, page_size)
-            deltas = _nonzero_or_none(level.rope_delta)
-            blocks = [
-                self._build_block(
-                    group, flat_slots, level.causal, covered, device, deltas, inv_freq
-                )
-                for group in self._group_items(items)
-            ]
-            if blocks:
-                b = blocks[0]
-                is_identity = (
-                    len(blocks) == 1
-                    and b.out_src is None
-                    and b.out_rows.numel() == num_tokens
-                    and bool((b.out_rows.cpu() == torch.arange(num_tokens)).all())
-                )
-                levels.append(_LevelPlan(blocks, is_identity))
+        merged = self._merged_entries(metadata.levels, page_size)
+        items: list[_Item] = []
+        slot_lists: list[torch.Tensor] = []
+        row_deltas: list[torch.Tensor] = []
+        base = 0
+        for i, lv in enumerate(metadata.levels):
+            if i == len(metadata.levels) - 1 and merged is not None:
+                level_items, flat_slots = self._last_level_items(lv, page_size, merged)
+            else:
+                skip = merged.skipped[i] if merged is not None else frozenset()
+                level_items, flat_slots = self._level_items(lv, page_size, skip)
+            items += [it._replace(kv_start=it.kv_start + base, level=i) for it in level_items]
+            slot_lists.append(flat_slots)
+            base += flat_slots.numel()
+            deltas = _nonzero_or_none(lv.rope_delta)
+            row_deltas.append(
+                torch.zeros(num_tokens, dtype=torch.int64) if deltas is None else deltas
+            )
+        flat_slots = torch.cat(slot_lists) if slot_lists else torch.zeros(0, dtype=torch.int64)
+        delta_matrix = torch.stack(row_deltas) if row_deltas else None  # [levels, num_tokens]
+        if delta_matrix is not None and not bool(delta_matrix.any()):
+            delta_matrix = None
+        blocks = [
+            self._build_block(group, flat_slots, covered, device, delta_matrix, inv_freq)
+            for group in self._group_items(items)
+        ]
+        out_rows = torch.cat([b.out_rows.cpu() for b in blocks]) if blocks else None
+        merge = "lse"
+        if out_rows is not None and out_rows.numel() == num_tokens:
+            b = blocks[0]
+            if (
+                len(blocks) == 1
+                and b.out_src is None
+                and bool((out_rows == torch.arange(num_tokens)).all())
+            ):
+                merge = "identity"
+            elif bool((torch.bincount(out_rows, minlength=num_tokens) == 1).all()):
+                merge = "copy"
         uncovered = covered.logical_not().nonzero().flatten().tolist()
         assert not uncovered, f"query rows {uncovered} see no key in any level"
         has_copies = metadata.copy_src.numel() > 0
@@ -212,11 +247,15 @@ class TorchAttention:
             slot_mapping=metadata.slot_mapping.to(device=device, dtype=torch.int64),
             copy_src=metadata.copy_src.to(device=device, dtype=torch.int64) if has_copies else None,
             copy_dst=metadata.copy_dst.to(device=device, dtype=torch.int64) if has_copies else None,
-            levels=levels,
+            blocks=blocks,
+            merge=merge,
+            out_rows=None if out_rows is None else out_rows.to(device),
             k_shift=k_shift,
         )
 
-    def _level_items(self, level: CascadeLevel, page_size: int) -> tuple[list[_Item], torch.Tensor]:
+    def _level_items(
+        self, level: CascadeLevel, page_size: int, skip: frozenset[int] = frozenset()
+    ) -> tuple[list[_Item], torch.Tensor]:
         """Cut a level's non-empty entries into row chunks; also return its flat slot list."""
         qo = level.qo_indptr.tolist()
         kv = level.kv_indptr.tolist()
@@ -231,23 +270,99 @@ class TorchAttention:
             num_pages, qo_len = kv[e + 1] - kv[e], qo[e + 1] - qo[e]
             if num_pages < 0 or qo_len < 0:
                 raise ValueError(f"qo_indptr and kv_indptr must be non-decreasing (entry {e})")
-            if num_pages == 0 or qo_len == 0:
-                continue  # no keys (lse = -inf) or no rows
+            if num_pages == 0 or qo_len == 0 or e in skip:
+                continue  # no keys (lse = -inf), no rows, or read with the last level
             if not 1 <= last[e] <= page_size:
                 raise ValueError(
                     f"kv_last_page_len[{e}]={last[e]} must be in 1..page_size={page_size} for an "
                     f"entry with pages"
                 )
             kv_len = (num_pages - 1) * page_size + last[e]
-            rows_per_item = max(1, self.max_block_scores // kv_len)
-            for r in range(0, qo_len, rows_per_item):
-                num_rows = min(rows_per_item, qo_len - r)
-                # causal, bottom-right aligned: entry row i sees keys j <= kv_len - qo_len + i
-                diag = kv_len - qo_len + r if level.causal else kv_len
-                item_kv = min(kv_len, diag + num_rows) if level.causal else kv_len
-                if item_kv > 0:
-                    items.append(_Item(qo[e] + r, num_rows, kv[e] * page_size, item_kv, diag))
+            items += self._entry_items(qo[e], qo_len, kv[e] * page_size, kv_len, level.causal)
         return items, flat_slots
+
+    def _entry_items(
+        self, row_start: int, qo_len: int, kv_start: int, kv_len: int, causal: bool
+    ) -> list[_Item]:
+        """An entry's rows cut into chunks of at most `max_block_scores` (row, key) pairs."""
+        items = []
+        rows_per_item = max(1, self.max_block_scores // kv_len)
+        for r in range(0, qo_len, rows_per_item):
+            num_rows = min(rows_per_item, qo_len - r)
+            # causal, bottom-right aligned: entry row i sees keys j <= kv_len - qo_len + i
+            diag = kv_len - qo_len + r if causal else kv_len
+            item_kv = min(kv_len, diag + num_rows) if causal else kv_len
+            if item_kv > 0:
+                items.append(_Item(row_start + r, num_rows, kv_start, item_kv, diag))
+        return items
+
+    def _merged_entries(self, levels: list[CascadeLevel], page_size: int) -> _Merged | None:
+        """Shared-level entries read with the last level (see the module docstring)."""
+        if len(levels) < 2 or not self.merge_entries:
+            return None
+        last = levels[-1]
+        qo_last = last.qo_indptr.tolist()
+        zeros = torch.zeros(int(qo_last[-1]), dtype=torch.int64)
+        last_deltas = zeros if last.rope_delta is None else last.rope_delta.to("cpu", torch.int64)
+        entry_of = {(qo_last[e], qo_last[e + 1]): e for e in range(len(qo_last) - 1)}
+        extra: dict[int, list[int]] = {}  # last-level entry -> slots read before its own
+        skipped: list[frozenset[int]] = []
+        for lv in levels[:-1]:
+            qo, kv = lv.qo_indptr.tolist(), lv.kv_indptr.tolist()
+            last_len = lv.kv_last_page_len.tolist()
+            pages = lv.kv_indices.tolist()
+            if len(pages) != kv[-1]:
+                return None  # malformed: the per-level path raises the error
+            deltas = zeros if lv.rope_delta is None else lv.rope_delta.to("cpu", torch.int64)
+            skip = set()
+            for e in range(len(qo) - 1):
+                target = entry_of.get((qo[e], qo[e + 1]))
+                num_pages = kv[e + 1] - kv[e]
+                if target is None or num_pages <= 0 or qo[e + 1] <= qo[e]:
+                    continue
+                if not 1 <= last_len[e] <= page_size:
+                    return None
+                rows = slice(qo[e], qo[e + 1])
+                if not torch.equal(deltas[rows], last_deltas[rows]):
+                    continue  # read at another offset than the rows' own keys
+                kv_len = (num_pages - 1) * page_size + last_len[e]
+                slots = extra.setdefault(target, [])
+                for p in pages[kv[e] : kv[e + 1]]:
+                    slots.extend(range(p * page_size, (p + 1) * page_size))
+                del slots[len(slots) - page_size * num_pages + kv_len :]
+                skip.add(e)
+            skipped.append(frozenset(skip))
+        return _Merged(extra, skipped) if extra else None
+
+    def _last_level_items(
+        self, level: CascadeLevel, page_size: int, merged: _Merged
+    ) -> tuple[list[_Item], torch.Tensor]:
+        """The last level's items, each entry reading its merged keys before its own."""
+        qo, kv = level.qo_indptr.tolist(), level.kv_indptr.tolist()
+        last = level.kv_last_page_len.tolist()
+        pages = level.kv_indices.tolist()
+        if len(pages) != kv[-1]:
+            raise ValueError(f"kv_indices has {len(pages)} pages but kv_indptr[-1] = {kv[-1]}")
+        slots: list[int] = []
+        items: list[_Item] = []
+        offsets = range(page_size)
+        for e in range(len(qo) - 1):
+            num_pages, qo_len = kv[e + 1] - kv[e], qo[e + 1] - qo[e]
+            if num_pages < 0 or qo_len < 0:
+                raise ValueError(f"qo_indptr and kv_indptr must be non-decreasing (entry {e})")
+            kv_start = len(slots)
+            slots += merged.extra.get(e, [])
+            if num_pages:
+                if not 1 <= last[e] <= page_size:
+                    raise ValueError(
+                        f"kv_last_page_len[{e}]={last[e]} must be in 1..page_size={page_size} "
+                        "for an entry with pages"
+                    )
+                own = [p * page_size + o for p in pages[kv[e] : kv[e + 1]] for o in offsets]
+                slots += own[: (num_pages - 1) * page_size + last[e]]
+            if qo_len and len(slots) > kv_start:
+                items += self._entry_items(qo[e], qo_len, kv_start, len(slots) - kv_start, True)
+        return items, torch.tensor(slots, dtype=torch.int64)
 
     def _group_items(self, items: list[_Item]) -> list[list[_Item]]:
         """Greedily share padded batches between items of similar size (longest keys first)."""
@@ -271,14 +386,13 @@ class TorchAttention:
         self,
         items: list[_Item],
         flat_slots: torch.Tensor,
-        causal: bool,
         covered: torch.Tensor,
         device: torch.device,
-        deltas: torch.Tensor | None = None,
+        delta_matrix: torch.Tensor | None = None,
         inv_freq: torch.Tensor | None = None,
     ) -> _Block:
         items = sorted(items, key=lambda it: it.row_start)  # row order: often no scatter needed
-        row_start, num_rows, kv_start, kv_len, diag = (
+        row_start, num_rows, kv_start, kv_len, diag, level = (
             torch.tensor(col, dtype=torch.int64)[:, None] for col in zip(*items, strict=True)
         )
         n, max_rows, max_kv = len(items), int(num_rows.max()), int(kv_len.max())
@@ -286,7 +400,8 @@ class TorchAttention:
         kj = torch.arange(max_kv)[None, :].minimum(kv_len - 1)  # [n, K]
         q_rows = row_start + ri
         kv_slots = flat_slots[kv_start + kj]
-        limit = (diag + ri + 1).clamp(0).minimum(kv_len) if causal else kv_len.expand(n, max_rows)
+        # row i sees keys j < diag + i + 1 (non-causal items have diag = kv_len: all keys)
+        limit = (diag + ri + 1).clamp(0).minimum(kv_len)
         mask = torch.arange(max_kv)[None, None, :] < limit[:, :, None]  # [n, R, K]
         bias = None
         if not bool(mask.all()):
@@ -297,8 +412,8 @@ class TorchAttention:
         covered[out_rows[limit[real] > 0]] = True
         out_src = None if bool(real.all()) else real.reshape(-1).nonzero().flatten().to(device)
         q_shift = None
-        if deltas is not None:
-            row_deltas = deltas[q_rows.reshape(-1)]
+        if delta_matrix is not None:  # each padded row's delta in its item's level
+            row_deltas = delta_matrix[level, q_rows].reshape(-1)
             if bool(row_deltas.any()):
                 q_shift = rope.shift_tables(row_deltas, inv_freq, torch.float32, device)
         return _Block(
@@ -342,13 +457,22 @@ class TorchAttention:
             k_flat.index_copy_(0, p.copy_dst, k_flat.index_select(0, p.copy_src))
             v_flat.index_copy_(0, p.copy_dst, v_flat.index_select(0, p.copy_src))
 
-        if not p.levels:  # no query rows this step
+        if not p.blocks:  # no query rows this step
             return q.new_zeros(q.shape)
         qs = q * self.scale
-        o, lse = self._run_level(p.levels[0], qs, k_flat, v_flat)
-        for level in p.levels[1:]:
-            o, lse = merge_states(o, lse, *self._run_level(level, qs, k_flat, v_flat))
-        return o.to(q.dtype)
+        if p.merge == "identity":
+            return self._run_block(p.blocks[0], qs, k_flat, v_flat)[0].to(q.dtype)
+        outs, lses = [], []
+        for b in p.blocks:
+            o_b, lse_b = self._run_block(b, qs, k_flat, v_flat)
+            if b.out_src is not None:
+                o_b, lse_b = o_b[b.out_src], lse_b[b.out_src]
+            outs.append(o_b)
+            lses.append(lse_b)
+        o_all, lse_all = torch.cat(outs), torch.cat(lses)  # [num_partials, Hq, (d)]
+        if p.merge == "copy":  # every row has exactly one partial result
+            return q.new_empty(q.shape).index_copy_(0, p.out_rows, o_all.to(q.dtype))
+        return _merge_partials(o_all, lse_all, p.out_rows, p.num_tokens).to(q.dtype)
 
     def _check_shapes(self, p: _StepPlan, q, k, v, k_cache, v_cache) -> None:
         hq, hkv, d = self.num_qo_heads, self.num_kv_heads, self.head_dim
@@ -373,22 +497,6 @@ class TorchAttention:
                 f"cache is on {k_cache.device} but the metadata was planned on {p.device}; "
                 f"build the metadata on the cache's device"
             )
-
-    def _run_level(
-        self, lp: _LevelPlan, qs: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """o: [num_tokens, Hq, d] in qs's dtype, lse: [num_tokens, Hq] float32 (-inf: no keys)."""
-        if lp.is_identity:
-            return self._run_block(lp.blocks[0], qs, k_flat, v_flat)
-        o = qs.new_zeros(qs.shape)
-        lse = torch.full(qs.shape[:2], float("-inf"), device=qs.device)
-        for b in lp.blocks:
-            o_b, lse_b = self._run_block(b, qs, k_flat, v_flat)
-            if b.out_src is not None:
-                o_b, lse_b = o_b[b.out_src], lse_b[b.out_src]
-            o.index_copy_(0, b.out_rows, o_b)
-            lse.index_copy_(0, b.out_rows, lse_b)
-        return o, lse
 
     def _run_block(
         self, b: _Block, qs: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor
@@ -439,6 +547,24 @@ class TorchAttention:
             q_b, heads(k_flat), heads(v_flat), 0.0, False, attn_mask=mask, scale=1.0
         )
         return o[0].transpose(0, 1), lse[0].transpose(0, 1).float()
+
+
+def _merge_partials(
+    o: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, num_rows: int
+) -> torch.Tensor:
+    """Merge partial results over disjoint key sets into one per row (log-sum-exp).
+
+    o: [P, H, d] and lse: [P, H] of P partials, `rows[i]` the query row of partial i; every row
+    has at least one partial with a finite lse. Returns [num_rows, H, d] float32.
+    """
+    lse = lse.float()
+    top = torch.full((num_rows, lse.shape[1]), float("-inf"), device=lse.device)
+    top.scatter_reduce_(0, rows[:, None].expand_as(lse), lse, "amax")
+    w = torch.exp(lse - top.clamp(min=_FINITE_MIN).index_select(0, rows))  # [P, H]
+    num = torch.zeros(num_rows, *o.shape[1:], device=o.device)
+    num.index_add_(0, rows, o.float() * w.unsqueeze(-1))
+    den = torch.zeros(num_rows, lse.shape[1], device=lse.device).index_add_(0, rows, w)
+    return num / den.unsqueeze(-1)
 
 
 def _nonzero_or_none(deltas: torch.Tensor | None) -> torch.Tensor | None:

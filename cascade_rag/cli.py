@@ -72,12 +72,37 @@ def _ingest(args: argparse.Namespace) -> int:
     print(docs.report.summary())  # every file not read, grouped by reason
     passages = split_documents(docs, chunk_size=args.chunk_size, chunk_overlap=args.chunk_overlap)
     embedder = _embedder(args)
+    if args.precompute_kv and args.kv_store is None:
+        args.kv_store = str(Path(args.index) / "chunk_kv")
     with _engine(args) as engine:
         index = DocumentIndex(engine, embedder)
         index.add_passages(passages, show_progress=not args.quiet)
         index.save(args.index)
-    print(f"indexed {len(index)} passages from {args.folder} into {args.index}")
+        print(f"indexed {len(index)} passages from {args.folder} into {args.index}")
+        if args.precompute_kv:
+            _precompute_kv(engine, passages, args)
     return 0
+
+
+def _precompute_kv(engine, passages, args: argparse.Namespace) -> None:
+    """Compute every passage's KV after the RAG system prompt into the --kv-store folder."""
+    from cascade_rag.chunks import ChunkType
+    from cascade_rag.rag import DEFAULT_SYSTEM_PROMPT
+
+    computed = 0
+    for i, passage in enumerate(passages, 1):
+        if not passage.text.strip():
+            continue
+        chunk = engine.register_chunk(passage.text, ChunkType.RAG_RESULT)
+        computed += engine.precompute([chunk], system=DEFAULT_SYSTEM_PROMPT).computed_tokens
+        if not args.quiet and (i % 20 == 0 or i == len(passages)):
+            print(f"  chunk KV: {i}/{len(passages)} passages", file=sys.stderr)
+    stats = engine.kv_store_stats()
+    print(
+        f"chunk KV of {len(passages)} passages in {args.kv_store} ({computed} tokens computed, "
+        f"{stats.entries} entries, {stats.bytes / 2**20:.1f} MiB); answer with "
+        f"`cascade-rag ask --index {args.index} --kv-store {args.kv_store} ...`"
+    )
 
 
 def _ask(args: argparse.Namespace) -> int:
@@ -261,12 +286,16 @@ def _engine(args: argparse.Namespace):
     from cascade_rag.llm import CascadeEngine
 
     _quiet_model_loading()
+    store = {}
+    if getattr(args, "kv_store", None) is not None:  # chunk KV on disk: reuse anywhere
+        store = dict(chunk_reuse="anywhere", kv_store_dir=args.kv_store)
     return CascadeEngine(
         args.model,
         kv_cache_tokens=args.kv_cache_tokens,
         cache_dir=args.cache_dir,
         device=args.device,
         dtype=args.dtype,
+        **store,
     )
 
 
@@ -398,6 +427,13 @@ def _parser() -> argparse.ArgumentParser:
         "--embedder", default=None, help="sentence-transformers folder (default: all-MiniLM-L6-v2)"
     )
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument(
+        "--kv-store",
+        default=None,
+        metavar="DIR",
+        help="keep passages' KV on disk in DIR across runs and reuse it at any position "
+        "(chunk_reuse='anywhere'); default: off",
+    )
 
     splitting = argparse.ArgumentParser(add_help=False)
     splitting.add_argument("--chunk-size", type=_positive, default=800, help="passage characters")
@@ -449,6 +485,12 @@ def _parser() -> argparse.ArgumentParser:
         "--include-extensionless",
         action="store_true",
         help="also read files without an extension, as text",
+    )
+    p.add_argument(
+        "--precompute-kv",
+        action="store_true",
+        help="also compute every passage's KV into --kv-store (default: INDEX/chunk_kv), so "
+        "`ask`/`chat --kv-store` serve them from disk after a restart",
     )
     p.set_defaults(run=_ingest)
 

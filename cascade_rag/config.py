@@ -54,6 +54,9 @@ class EngineConfig:
         recompute_tokens: with chunk_reuse="anywhere", tokens of every chunk placed away from
             where it was computed that are recomputed in the request's context (0..65536).
         recompute_mode: which tokens: "first" (the chunk's first `recompute_tokens`).
+        kv_store_dir: a folder where chunk KV is kept across restarts (chunk_reuse="anywhere"
+            only): computed chunks are saved there, missing chunks are loaded from it.
+        kv_store_bytes: disk budget of the store; least recently used entries go beyond it.
 
     Raises:
         TypeError / ValueError: a field of the wrong type or out of range, naming the field,
@@ -84,6 +87,8 @@ class EngineConfig:
     chunk_reuse: str = "prefix"
     recompute_tokens: int = 16
     recompute_mode: str = "first"
+    kv_store_dir: str | Path | None = None
+    kv_store_bytes: int = 4 * 2**30
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, (str, Path)):
@@ -95,6 +100,17 @@ class EngineConfig:
         _choice("chunk_reuse", self.chunk_reuse, _CHUNK_REUSE)
         _choice("recompute_mode", self.recompute_mode, _RECOMPUTE_MODES)
         _int_in("recompute_tokens", self.recompute_tokens, 0, 1 << 16)
+        _int_in("kv_store_bytes", self.kv_store_bytes, 1, 1 << 50)
+        if self.kv_store_dir is not None and not isinstance(self.kv_store_dir, (str, Path)):
+            raise TypeError(
+                f"kv_store_dir must be a path (str or Path) or None, got "
+                f"{type(self.kv_store_dir).__name__}"
+            )
+        if self.kv_store_dir is not None and self.chunk_reuse != "anywhere":
+            raise ValueError(
+                "kv_store_dir keeps chunk KV computed after the system prompt, which only "
+                "chunk_reuse='anywhere' uses; pass chunk_reuse='anywhere' or no kv_store_dir"
+            )
         if not isinstance(self.device, str):
             raise TypeError(
                 f"device must be a string such as 'cpu' or 'cuda:0', got {self.device!r}"

@@ -25,6 +25,7 @@ from cascade_rag.chunks import Chunk, ChunkRegistry, ChunkType
 from cascade_rag.composition import Composition, PromptComposer
 from cascade_rag.config import EngineConfig
 from cascade_rag.engine.kv_cache import ChunkNodeInfo, OutOfPagesError
+from cascade_rag.engine.kv_store import KVStoreStats
 from cascade_rag.engine.llm_engine import LLMEngine, SeqUpdate
 from cascade_rag.engine.sequence import PreparedPrompt, SequenceStatus
 from cascade_rag.outputs import EngineStats, GenerationOutput, StreamDelta
@@ -741,6 +742,11 @@ class CascadeEngine:
         probe = PreparedPrompt(chunks=chain, tail_ids=(chain[-1].token_ids[-1],))
         out = self.generate(probe, SamplingParams(max_tokens=1))
         return out.usage.prompt_tokens - len(probe.tail_ids) - out.usage.cached_tokens
+
+    def kv_store_stats(self) -> KVStoreStats | None:
+        """Counters of the disk store of chunk KV (`EngineConfig.kv_store_dir`), or None
+        when the engine has none."""
+        return self._control(lambda core: None if core.store is None else core.store.stats())
 
     def _control(self, fn: Callable[[LLMEngine], object]):
         """`fn(core)` run by the worker thread; its result, or its exception raised here."""

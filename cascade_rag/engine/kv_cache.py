@@ -150,6 +150,7 @@ class KVCacheStats:
     evicted_nodes: int
     anywhere_hit_tokens: int = 0  # of hit_tokens: chunks read away from their canonical offset
     recomputed_tokens: int = 0  # tokens of reused chunks recomputed in context (anywhere)
+    disk_hit_tokens: int = 0  # of hit_tokens: chunks loaded from the disk store
 
     @property
     def exact_hit_tokens(self) -> int:
@@ -210,6 +211,7 @@ class ChunkKVCache:
         self.evicted_nodes = 0
         self.anywhere_hit_tokens = 0
         self.recomputed_tokens = 0
+        self.disk_hit_tokens = 0
         self._held: dict[tuple[str, ...], int] = {}  # chain of chunk ids -> times held
 
     # ---- pages -------------------------------------------------------------------------
@@ -385,6 +387,7 @@ class ChunkKVCache:
             evicted_nodes=self.evicted_nodes,
             anywhere_hit_tokens=self.anywhere_hit_tokens,
             recomputed_tokens=self.recomputed_tokens,
+            disk_hit_tokens=self.disk_hit_tokens,
         )
 
     def iter_nodes(self):

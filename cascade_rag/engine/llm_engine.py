@@ -18,6 +18,7 @@ from cascade_rag.chunks import ChunkRegistry
 from cascade_rag.config import EngineConfig
 from cascade_rag.engine.detokenizer import TextStream
 from cascade_rag.engine.kv_cache import ChunkKVCache, OutOfPagesError, PagePool
+from cascade_rag.engine.kv_store import ChunkKVStore, StoreIdentity, load_node, save_node
 from cascade_rag.engine.model_runner import ModelRunner
 from cascade_rag.engine.scheduler import Scheduler
 from cascade_rag.engine.segments import RecomputePolicy
@@ -105,8 +106,16 @@ class LLMEngine:
         recompute = (
             RecomputePolicy(config.recompute_tokens, config.recompute_mode) if anywhere else None
         )
+        self.store = None  # chunk KV on disk (reuse anywhere only)
+        if config.kv_store_dir is not None:
+            identity = StoreIdentity(
+                model.digest, str(dtype).removeprefix("torch."), mc.num_layers,
+                mc.num_kv_heads, mc.head_dim,
+            )  # fmt: skip
+            self.store = ChunkKVStore(config.kv_store_dir, identity, config.kv_store_bytes)
+        load = None if self.store is None else lambda node: load_node(self.store, self.kv, node)
         self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, config.max_num_batched_tokens, recompute
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, recompute, load
         )
         attn = make_attention_backend(config, mc)
         if getattr(attn, "fused_model_ops", False):
@@ -213,6 +222,8 @@ class LLMEngine:
             return updates
         self.scheduler.finish_step(plan, failed=False)
         self.num_steps += 1
+        if self.store is not None:
+            self._save_to_store(plan.created)
         seqs = [e.seq for e in plan.scheduled]
         for e in plan.scheduled:
             seq = e.seq
@@ -241,6 +252,14 @@ class LLMEngine:
                     self.scheduler.release(seq)
                     updates.append(self._fail(seq, exc))
         return updates
+
+    def _save_to_store(self, nodes) -> None:
+        """Write the chunk nodes a step computed to the disk store; failures are logged."""
+        for node in nodes:
+            try:
+                save_node(self.store, self.kv, node)
+            except Exception as exc:  # noqa: BLE001 - the request goes on; the KV stays cached
+                logger.warning("chunk %s: not saved to the KV store: %s", node.chunk.id, exc)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
         """(token, logprob) per row, or the row's own exception.

@@ -28,7 +28,9 @@ attention metadata or run the model (model_runner.py does).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cascade_rag.chunks import ChunkType
@@ -42,6 +44,8 @@ from cascade_rag.engine.segments import (
     segment_slots,
 )
 from cascade_rag.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,6 +108,8 @@ class Scheduler:
             prompts join only while the step stays within the budget.
         recompute: None for exact prefix reuse; a policy for reuse anywhere (the cache must
             then use the segment layout).
+        load_chunk: reuse anywhere: fills a new node's pages from a disk store, True if it
+            did (the node is then not computed); an exception counts as False (logged).
     """
 
     def __init__(
@@ -112,9 +118,11 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         recompute: RecomputePolicy | None = None,
+        load_chunk: Callable[[ChunkNode], bool] | None = None,
     ) -> None:
         assert (recompute is not None) == kv.segment_layout, "reuse anywhere <=> segment layout"
         self.recompute = recompute
+        self.load_chunk = load_chunk
         self.kv = kv
         self.page_size = kv.page_size
         self.max_num_seqs = max_num_seqs
@@ -415,7 +423,10 @@ class Scheduler:
             fresh = node is None
             if fresh:
                 node = kv.create(parent, chunk)
-                mine.append(node)
+                if self._load(node):
+                    fresh = False
+                else:
+                    mine.append(node)
             kv.pin(node)
             nodes.append(node)
             return node, fresh
@@ -512,6 +523,20 @@ class Scheduler:
             groups=groups,
             num_extra_rows=num_extra,
         )
+
+    def _load(self, node: ChunkNode) -> bool:
+        """Fill a new node from the disk store (ready at once); False: compute it."""
+        if self.load_chunk is None:
+            return False
+        try:
+            loaded = self.load_chunk(node)
+        except Exception as exc:  # noqa: BLE001 - a bad entry is computed instead
+            logger.warning("chunk %s: not loaded from the KV store: %s", node.chunk.id, exc)
+            return False
+        if loaded:
+            node.ready = True
+            self.kv.disk_hit_tokens += node.num_tokens
+        return loaded
 
     def _private_group(self, seq: Sequence, q_start: int) -> QueryGroup:
         """Rows [q_start, len(token_ids)) of the private segment, reading every placement."""

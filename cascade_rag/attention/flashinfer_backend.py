@@ -9,8 +9,14 @@ FlashInfer's `merge_state_in_place` (its log-sum-exp values are base 2, consiste
   runs it with the paged decode kernel, any other step with the paged prefill kernel.
 - A shared level runs FlashInfer's paged prefill kernel, not causal, over the rows of its
   non-empty entries only (a level's rows are gathered when some entries have no keys).
-- RoPE is applied by the model before attention (`pos_encoding_mode="NONE"`): every level
-  reads keys already rotated at their absolute positions, so no level needs its own offset.
+- RoPE is applied by the model before attention (`pos_encoding_mode="NONE"`). A level with
+  position deltas (reuse anywhere: a chunk read away from where it was computed) gets its query
+  rows re-rotated by `cascade_rag.attention.rope` before its kernel runs (tables planned once
+  per step, rotation in float32), and new keys with `k_rope_delta` are rotated before they are
+  written. The pages themselves are never rewritten, so one kernel call serves every row that
+  reads a chunk, each row rotated for its own offset.
+- Reuse anywhere plans one level per chunk segment: wrappers for more levels than the engine's
+  cascade depth are made on first use (they share the workspace, as all levels do).
 
 It does not decide grouping (the model runner's cascade planner does; `min_shared_tokens`
 tells it when a shared level pays on this GPU) and is imported only when used, so the package
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 import flashinfer
 import torch
 
+from cascade_rag.attention import rope
 from cascade_rag.attention.metadata import AttentionMetadata, CascadeLevel
 
 # A shared level pays when it saves reading more than about this many bytes of KV per layer
@@ -39,6 +46,7 @@ _WORKSPACE_BYTES = 256 * 1024 * 1024
 class _LevelRun:
     wrapper: object
     rows: torch.Tensor | None  # query rows of the level's non-empty entries; None = all rows
+    q_shift: tuple[torch.Tensor, torch.Tensor] | None = None  # float32 cos, sin [rows, d]
 
 
 def _int32(x: torch.Tensor, device) -> torch.Tensor:
@@ -86,17 +94,19 @@ class FlashInferAttention:
         # [0] runs the causal last level; the others the shared levels, whose few query rows
         # over long prefixes need the kernel variant that splits the keys across CTAs
         self._prefill = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")]
-        self._prefill += [
-            flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                self._workspace, "NHD", backend=shared_backend
-            )
-            for _ in range(max_levels - 1)
-        ]
+        self._shared_backend = shared_backend
+        self._prefill += [self._shared_wrapper() for _ in range(max_levels - 1)]
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self._workspace, "NHD", use_tensor_cores=num_qo_heads // num_kv_heads >= 4
         )
         self._runs: list[_LevelRun] = []  # last level first
         self._metadata: AttentionMetadata | None = None
+        self._k_shift: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _shared_wrapper(self):
+        return flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self._workspace, "NHD", backend=self._shared_backend
+        )
 
     @classmethod
     def for_model(cls, model_config, engine_config) -> FlashInferAttention:
@@ -114,18 +124,30 @@ class FlashInferAttention:
 
     def plan(self, metadata: AttentionMetadata) -> None:
         levels = metadata.levels
-        if len(levels) > len(self._prefill):
-            raise ValueError(
-                f"{len(levels)} levels planned, backend built for {len(self._prefill)}"
-            )
+        while len(levels) > len(self._prefill):  # reuse anywhere: a level per chunk segment
+            self._prefill.append(self._shared_wrapper())
         self._metadata = metadata
         last = levels[-1]
         runs = [self._plan_last(last, metadata.num_tokens)]
+        runs[0].q_shift = self._shift(last.rope_delta, None, metadata)
         for i, level in enumerate(levels[:-1]):
             run = self._plan_shared(level, self._prefill[i + 1])
             if run is not None:
+                run.q_shift = self._shift(level.rope_delta, run.rows, metadata)
                 runs.append(run)
+        self._k_shift = self._shift(metadata.k_rope_delta, None, metadata)
         self._runs = runs
+
+    def _shift(self, deltas, rows, metadata: AttentionMetadata):
+        """float32 rotation tables for the rows' deltas (None when all are 0)."""
+        if deltas is None:
+            return None
+        deltas = deltas.to("cpu", torch.int64)
+        if rows is not None:
+            deltas = deltas[rows.cpu()]
+        if not bool(deltas.any()):
+            return None
+        return rope.shift_tables(deltas, metadata.rope_inv_freq, torch.float32, self.device)
 
     def _plan_last(self, level: CascadeLevel, num_tokens: int) -> _LevelRun:
         qo_indptr = level.qo_indptr.cpu()
@@ -185,6 +207,8 @@ class FlashInferAttention:
         assert meta is not None, "plan() before forward()"
         flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        if self._k_shift is not None:  # recomputed tokens stored at canonical positions
+            k = rope.rotate(k.float(), self._k_shift)
         flat_k[meta.slot_mapping] = k.to(flat_k.dtype)
         flat_v[meta.slot_mapping] = v.to(flat_v.dtype)
         if meta.copy_src.numel():
@@ -192,9 +216,10 @@ class FlashInferAttention:
             flat_v[meta.copy_dst] = flat_v[meta.copy_src]
         q = q.to(self.dtype).contiguous()
         last, *shared = self._runs
-        out, lse = last.wrapper.run(q, (k_cache, v_cache), return_lse=True)
+        out, lse = last.wrapper.run(_shifted(q, last.q_shift), (k_cache, v_cache), return_lse=True)
         for run in shared:
             q_l = q if run.rows is None else q[run.rows]
+            q_l = _shifted(q_l, run.q_shift)
             o_l, lse_l = run.wrapper.run(q_l, (k_cache, v_cache), return_lse=True)
             if run.rows is None:
                 flashinfer.merge_state_in_place(out, lse, o_l, lse_l)
@@ -204,3 +229,10 @@ class FlashInferAttention:
                 out[run.rows] = o_sub
                 lse[run.rows] = lse_sub
         return out
+
+
+def _shifted(q: torch.Tensor, tables) -> torch.Tensor:
+    """Query rows re-rotated for a level's position deltas (in float32), or q itself."""
+    if tables is None:
+        return q
+    return rope.rotate(q.float(), tables).to(q.dtype).contiguous()

@@ -96,7 +96,10 @@ def reference_anywhere(hf, prompt: PreparedPrompt, k: int, inv_freq) -> tuple[li
 
 @pytest.mark.parametrize("recompute", [0, 5])
 @pytest.mark.parametrize("page_size", [1, 8])
-def test_random_llama_equals_key_rerotation_reference(random_llama, recompute, page_size):
+@pytest.mark.parametrize("share", [False, True], ids=["own-entries", "chunk-cascade"])
+def test_random_llama_equals_key_rerotation_reference(random_llama, recompute, page_size, share):
+    """With `share`, every chunk read by several requests of a batch is read through one
+    shared entry (cascade at chunk granularity, rows rotated for their own offsets)."""
     folder, hf = random_llama
     rng = random.Random(page_size + recompute)
     inv_freq = hf.model.rotary_emb.inv_freq
@@ -106,6 +109,7 @@ def test_random_llama_equals_key_rerotation_reference(random_llama, recompute, p
         page_size=page_size,
         chunk_reuse="anywhere",
         recompute_tokens=recompute,
+        cascade_min_shared_tokens=0 if share else None,
     ) as engine:
         vocab = engine.model_config.vocab_size
 
@@ -128,9 +132,10 @@ def test_random_llama_equals_key_rerotation_reference(random_llama, recompute, p
                 for t, lp in enumerate(out.logprobs):
                     err = abs(lp.logprob - float(ref_logprobs[t][lp.token_id]))
                     assert err < 1e-4, f"{run}: prompt {orders[i]} token {t}: logprob err {err}"
-        stats = engine.stats().kv_cache
-        assert stats.anywhere_hit_tokens > 0
-        assert (stats.recomputed_tokens > 0) == (recompute > 0)
+        stats = engine.stats()
+        assert stats.kv_cache.anywhere_hit_tokens > 0
+        assert (stats.kv_cache.recomputed_tokens > 0) == (recompute > 0)
+        assert (stats.num_cascade_steps > 0) == share  # shared entries span several requests
         assert one_by_one[3].usage.cached_tokens == 21 + 16 + (13 - recompute) + (40 - recompute)
         assert one_by_one[3].usage.recomputed_tokens == 2 * recompute
 

@@ -115,7 +115,12 @@ class LLMEngine:
             self.store = ChunkKVStore(config.kv_store_dir, identity, config.kv_store_bytes)
         load = None if self.store is None else lambda node: load_node(self.store, self.kv, node)
         self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, config.max_num_batched_tokens, recompute, load
+            self.kv,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            recompute,
+            load,
+            split_segments=anywhere and config.cascade,
         )
         attn = make_attention_backend(config, mc)
         if getattr(attn, "fused_model_ops", False):

@@ -24,7 +24,7 @@ from cascade_rag.engine.cascade_plan import (
 )
 from cascade_rag.engine.kv_cache import PagePool
 from cascade_rag.engine.scheduler import ScheduledSeq
-from cascade_rag.engine.segments import plan_segment_levels
+from cascade_rag.engine.segments import order_groups_for_sharing, plan_segment_levels
 from cascade_rag.models.llama import compute_inv_freq
 
 
@@ -99,10 +99,21 @@ class ModelRunner:
     def _build_segment_metadata(
         self, batch: list[ScheduledSeq]
     ) -> tuple[list[int], AttentionMetadata]:
-        """Reuse anywhere: the query groups of every sequence, one level per segment index."""
-        groups = [g for b in batch for g in b.groups]
-        levels = plan_segment_levels(groups, self.pool.page_size, device="cpu")
-        self.num_cascade_steps += len(levels) > 1 and len(batch) > 1
+        """Reuse anywhere: the query groups of every sequence, one level per segment index;
+        with cascade, groups reading the same chunk pages share entries (segments.py)."""
+        layout = [(i, g) for i, b in enumerate(batch) for g in b.groups]
+        share = self.max_cascade_levels > 1
+        if share:
+            layout = [layout[j] for j in order_groups_for_sharing([g for _, g in layout])]
+        self._group_layout = layout  # row order of this step (read by `_layout`)
+        groups = [g for _, g in layout]
+        levels = plan_segment_levels(
+            groups,
+            self.pool.page_size,
+            device="cpu",
+            min_shared_tokens=self.min_shared_tokens if share else None,
+        )
+        self.num_cascade_steps += share and self._spans_groups(levels, groups)
         slots = [s for g in groups for s in g.slots]
         copies = [c for b in batch for c in b.copies]
         k_deltas = [g.k_delta for g in groups for _ in g.positions]
@@ -117,11 +128,37 @@ class ModelRunner:
         )
         return list(range(len(batch))), metadata
 
+    @staticmethod
+    def _spans_groups(levels, groups) -> bool:
+        """Whether a shared level has an entry over the rows of more than one group."""
+        bounds = {0}
+        n = 0
+        for g in groups:
+            n += len(g.positions)
+            bounds.add(n)
+        for lv in levels[:-1]:
+            qo = lv.qo_indptr.tolist()
+            counts = lv.kv_indptr.tolist()
+            for e in range(len(qo) - 1):
+                if counts[e + 1] > counts[e]:
+                    inner = [b for b in bounds if qo[e] < b < qo[e + 1]]
+                    if inner:
+                        return True
+        return False
+
     def _layout(self, batch: list[ScheduledSeq], order: list[int]):
         """Flat input ids, positions, and the row of each sequence's logits (batch order)."""
         input_ids: list[int] = []
         positions: list[int] = []
         last_rows: list[int] = []
+        if batch and batch[0].groups is not None:  # reuse anywhere: the planned group order
+            last_rows = [0] * len(batch)
+            for i, g in self._group_layout:
+                input_ids.extend(g.token_ids)
+                positions.extend(g.positions)
+                if g is batch[i].groups[-1]:  # the private group: its last row gives logits
+                    last_rows[i] = len(input_ids) - 1
+            return input_ids, positions, last_rows
         for i in order:
             b = batch[i]
             if b.groups is not None:

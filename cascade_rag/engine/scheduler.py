@@ -110,6 +110,8 @@ class Scheduler:
             then use the segment layout).
         load_chunk: reuse anywhere: fills a new node's pages from a disk store, True if it
             did (the node is then not computed); an exception counts as False (logged).
+        split_segments: reuse anywhere: give a placed chunk's private copied pages and its
+            shared pages as separate segments, so cascade can share the shared part.
     """
 
     def __init__(
@@ -119,10 +121,12 @@ class Scheduler:
         max_num_batched_tokens: int,
         recompute: RecomputePolicy | None = None,
         load_chunk: Callable[[ChunkNode], bool] | None = None,
+        split_segments: bool = False,
     ) -> None:
         assert (recompute is not None) == kv.segment_layout, "reuse anywhere <=> segment layout"
         self.recompute = recompute
         self.load_chunk = load_chunk
+        self.split_segments = split_segments
         self.kv = kv
         self.page_size = kv.page_size
         self.max_num_seqs = max_num_seqs
@@ -492,6 +496,7 @@ class Scheduler:
             )
         copies: list[tuple[int, int]] = []
         segments = [p.segment() for p in placements]
+        split = [p.segments(size, self.split_segments) for p in placements]
         for j, p in enumerate(placements):
             if not p.recompute:
                 continue
@@ -507,7 +512,7 @@ class Scheduler:
                         positions=list(range(p.offset + a, p.offset + b)),
                         token_ids=list(tokens[a:b]),
                         slots=[p.slot(i, size) for i in range(a, b)],
-                        shared=segments[:j],
+                        shared=[s for part in split[:j] for s in part],
                         own=segments[j].truncated(b, size),
                         k_delta=p.delta,
                     )
@@ -545,7 +550,9 @@ class Scheduler:
             positions=list(range(q_start, end)),
             token_ids=seq.token_ids[q_start:end],
             slots=segment_slots(seq.private_pages, q_start - first, end - first, self.page_size),
-            shared=[p.segment() for p in seq.placements],
+            shared=[
+                s for p in seq.placements for s in p.segments(self.page_size, self.split_segments)
+            ],
             own=Segment(seq.private_pages, end - first),
         )
 

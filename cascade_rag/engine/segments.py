@@ -32,6 +32,16 @@ segments whose keys all precede its rows, and one causal segment that holds its 
 `plan_segment_levels` lays groups out as cascade levels (shared segment i in level i, the causal
 segment in the last level).
 
+Cascade at chunk granularity. Attention over a segment does not depend on the order of the
+segments, and a chunk's shared pages hold the same KV in every request that reads them, at
+whatever offset. With sharing on, each group's shared segments are sorted by their pages, the
+groups are ordered so that groups reading the same pages are adjacent, and consecutive groups
+whose i-th segment is the same page list read it through one entry of level i (the rows keep
+their own deltas): the chunk's keys are read once for all of them. A placed chunk's segment is
+split into its private copied pages and its shared pages (`Placement.segments`), so recomputed
+chunks share their shared part. An entry is shared only where it saves at least
+`min_shared_tokens` key reads ((rows' groups - 1) * keys), as for exact-prefix cascade.
+
 This module holds the data types, the recomputation choice and the level planner; the scheduler
 admits sequences with them, and it does not compute attention (the backends do).
 """
@@ -123,6 +133,21 @@ class Placement:
         pages = [self.cow.get(i, p) for i, p in enumerate(self.node.pages)]
         return Segment(pages, self.node.num_tokens, self.delta)
 
+    def segments(self, page_size: int, split: bool) -> list[Segment]:
+        """The placement as segments: one, or with `split` its runs of private copied pages
+        and of the node's shared pages apart (each run is itself a valid page list)."""
+        if not split or not self.cow:
+            return [self.segment()]
+        out: list[Segment] = []
+        n, pages = self.node.num_tokens, self.node.pages
+        start = 0
+        for i in range(1, len(pages) + 1):
+            if i == len(pages) or (i in self.cow) != (start in self.cow):
+                run = [self.cow.get(j, pages[j]) for j in range(start, i)]
+                out.append(Segment(run, min(n, i * page_size) - start * page_size, self.delta))
+                start = i
+        return out
+
     def slot(self, index: int, page_size: int) -> int:
         """Slot of chunk token `index` in this placement's segment."""
         page = index // page_size
@@ -169,20 +194,39 @@ def runs(indices: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _key(seg: Segment) -> tuple[int, int, int]:
+    """Identifies a segment's keys: pages are owned, so the first page and the extent do."""
+    return seg.pages[0], len(seg.pages), seg.num_keys
+
+
+def order_groups_for_sharing(groups: list[QueryGroup]) -> list[int]:
+    """Sort each group's shared segments by their pages (in place; attention does not depend
+    on their order) and return a group order in which groups reading the same pages are
+    adjacent."""
+    for g in groups:
+        g.shared.sort(key=_key)
+    return sorted(range(len(groups)), key=lambda i: [_key(s) for s in groups[i].shared])
+
+
 def plan_segment_levels(
-    groups: list[QueryGroup], page_size: int, device: torch.device | str = "cpu"
+    groups: list[QueryGroup],
+    page_size: int,
+    device: torch.device | str = "cpu",
+    min_shared_tokens: int | None = None,
 ) -> list[CascadeLevel]:
     """Cascade levels for query groups laid out in the given order.
 
     Level i holds every group's i-th shared segment (an empty entry for a group with fewer),
     the last level every group's own segment, causal. A level's `rope_delta` gives each row
     the delta of the segment it reads there (None when all are 0). Shared levels are left out
-    when no group has that many segments.
+    when no group has that many segments. With `min_shared_tokens` (sharing on), consecutive
+    groups whose i-th segment is the same page list share one entry of level i where that
+    saves at least `min_shared_tokens` key reads (use `order_groups_for_sharing` first).
     """
     num_shared = max((len(g.shared) for g in groups), default=0)
     levels = [
         _level([g.shared[i] if i < len(g.shared) else None for g in groups], groups, page_size,
-               causal=False, device=device)
+               causal=False, device=device, min_shared_tokens=min_shared_tokens)
         for i in range(num_shared)
     ]  # fmt: skip
     levels.append(_level([g.own for g in groups], groups, page_size, causal=True, device=device))
@@ -195,21 +239,48 @@ def _level(
     page_size: int,
     causal: bool,
     device: torch.device | str,
+    min_shared_tokens: int | None = None,
 ) -> CascadeLevel:
+    runs: list[list[int]] = []  # consecutive groups that read this level through one entry
+    for i, seg in enumerate(segs):
+        prev = segs[runs[-1][0]] if runs else None
+        if (
+            min_shared_tokens is not None
+            and seg is not None
+            and prev is not None
+            and seg.num_keys
+            and prev.pages == seg.pages
+            and prev.num_keys == seg.num_keys
+        ):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    if min_shared_tokens is not None:  # a shared entry must pay for itself
+        runs = [
+            part
+            for run in runs
+            for part in (
+                [run]
+                if len(run) == 1 or (len(run) - 1) * segs[run[0]].num_keys >= min_shared_tokens
+                else [[i] for i in run]
+            )
+        ]
     qo_indptr, kv_indptr, kv_indices, last_lens, deltas = [0], [0], [], [], []
-    for seg, g in zip(segs, groups, strict=True):
-        rows = len(g.positions)
-        qo_indptr.append(qo_indptr[-1] + rows)
+    for run in runs:
+        seg = segs[run[0]]
+        for i in run:  # each row keeps the delta of its own group's segment
+            rows = len(groups[i].positions)
+            own = segs[i]
+            deltas.extend([own.delta if own is not None and own.num_keys else 0] * rows)
+        qo_indptr.append(qo_indptr[-1] + sum(len(groups[i].positions) for i in run))
         if seg is None or seg.num_keys == 0:
             kv_indptr.append(len(kv_indices))
             last_lens.append(0)
-            deltas.extend([0] * rows)
             continue
         assert len(seg.pages) == -(-seg.num_keys // page_size), "pages cover exactly the keys"
         kv_indices.extend(seg.pages)
         kv_indptr.append(len(kv_indices))
         last_lens.append(seg.num_keys - (len(seg.pages) - 1) * page_size)
-        deltas.extend([seg.delta] * rows)
     return CascadeLevel(
         qo_indptr=int64_tensor(qo_indptr, device),
         kv_indptr=int64_tensor(kv_indptr, device),

@@ -15,7 +15,7 @@ Workloads (float32, greedy, the same loaded model for every engine):
 Systems: exact prefix reuse (the default engine) and `chunk_reuse="anywhere"` with each
 `recompute_tokens` asked. Ratios are against exact reuse. Nothing is asserted.
 
-Run: python bench/bench_reuse_speed.py [--recompute 0 16 32] [--repeats 2] [--json out.json]
+Run: python bench/bench_reuse_speed.py [--recompute 0 24] [--repeats 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def stream_composition(q: reuse_qa.Question) -> Composition:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recompute", type=int, nargs="*", default=[0, 16, 32])
+    parser.add_argument("--recompute", type=int, nargs="*", default=[0, 24])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()

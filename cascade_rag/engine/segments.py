@@ -73,7 +73,7 @@ class RecomputePolicy:
         [0, 1, ..., 15]
     """
 
-    num_tokens: int = 16
+    num_tokens: int = 24
     mode: str = "first"
 
     def __post_init__(self) -> None:

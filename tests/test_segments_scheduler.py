@@ -83,6 +83,7 @@ class FakeAnywhere:
         recompute: int,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 4096,
+        split: bool = False,
     ) -> None:
         self.fake: dict[int, tuple] = {}
         self.registry = ChunkRegistry("fake-model|fake-tokenizer")
@@ -90,7 +91,11 @@ class FakeAnywhere:
         self.kv = ChunkKVCache(self.pool, self.registry, segment_layout=True)
         self.k = recompute
         self.sched = Scheduler(
-            self.kv, max_num_seqs, max_num_batched_tokens, RecomputePolicy(recompute)
+            self.kv,
+            max_num_seqs,
+            max_num_batched_tokens,
+            RecomputePolicy(recompute),
+            split_segments=split,
         )
         self.runner = ModelRunner(None, self.pool, None, 3)  # only build_metadata
         self.runner.inv_freq = torch.ones(1)
@@ -252,8 +257,11 @@ def make_prompts(registry: ChunkRegistry, seed: int, num: int = 24) -> list[Prep
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize("recompute", [0, 2, 5, 40])
-def test_batched_and_one_by_one_reads_are_the_intended_kv(page_size, recompute):
-    engine = FakeAnywhere(page_size, num_pages=4096 // page_size, recompute=recompute)
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_batched_and_one_by_one_reads_are_the_intended_kv(page_size, recompute, split):
+    """`split`: placed chunks' private copied pages and shared pages are separate segments
+    (cascade at chunk granularity), and the planner shares every repeated page list."""
+    engine = FakeAnywhere(page_size, num_pages=4096 // page_size, recompute=recompute, split=split)
     prompts = make_prompts(engine.registry, seed=page_size + recompute)
     for p in prompts[:12]:  # one batch, cold
         engine.add(p, max_tokens=3)

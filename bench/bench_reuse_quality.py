@@ -74,7 +74,8 @@ class Capture:
         logits = self._run(batch)
         self._last = [e.seq.seq_id for e in batch]
         for sid, row in zip(self._last, logits):
-            self.logprobs.setdefault(sid, []).append(torch.log_softmax(row.double(), -1))
+            # float32 rows: ~200 KB each over this vocabulary, 2 x 144 x 40 of them
+            self.logprobs.setdefault(sid, []).append(torch.log_softmax(row.float(), -1))
         return logits
 
     def sample(self, logits, seqs):
@@ -178,7 +179,7 @@ def main() -> None:
         kls, agree = [], []
         for ref_rows, rows_q, ref_out in zip(ref_logprobs, forced, ref_outs):
             for t, (p, q) in enumerate(zip(ref_rows, rows_q)):
-                kls.append(float((p.exp() * (p - q)).sum()))
+                kls.append(float((p.double().exp() * (p.double() - q.double())).sum()))
                 agree.append(int(q.argmax()) == ref_out.token_ids[t])
         correct = [reuse_qa.is_correct(q, o.text) for q, o in zip(questions, outs)]
         facts = sum(reuse_qa.facts_found(q, o.text) for q, o in zip(questions, outs))

@@ -104,7 +104,9 @@ class ModelRunner:
         layout = [(i, g) for i, b in enumerate(batch) for g in b.groups]
         share = self.max_cascade_levels > 1
         if share:
-            layout = [layout[j] for j in order_groups_for_sharing([g for _, g in layout])]
+            groups = [g for _, g in layout]
+            order = order_groups_for_sharing(groups, self.min_shared_tokens)
+            layout = [layout[j] for j in order]
         self._group_layout = layout  # row order of this step (read by `_layout`)
         groups = [g for _, g in layout]
         levels = plan_segment_levels(

@@ -110,8 +110,8 @@ class Scheduler:
             then use the segment layout).
         load_chunk: reuse anywhere: fills a new node's pages from a disk store, True if it
             did (the node is then not computed); an exception counts as False (logged).
-        split_segments: reuse anywhere: give a placed chunk's private copied pages and its
-            shared pages as separate segments, so cascade can share the shared part.
+        split_segments: reuse anywhere: give placed chunks with private copied pages their
+            split into private and shared runs, so cascade can share the shared part.
     """
 
     def __init__(
@@ -496,7 +496,7 @@ class Scheduler:
             )
         copies: list[tuple[int, int]] = []
         segments = [p.segment() for p in placements]
-        split = [p.segments(size, self.split_segments) for p in placements]
+        readable = [p.shared_segment(size, self.split_segments) for p in placements]
         for j, p in enumerate(placements):
             if not p.recompute:
                 continue
@@ -512,7 +512,7 @@ class Scheduler:
                         positions=list(range(p.offset + a, p.offset + b)),
                         token_ids=list(tokens[a:b]),
                         slots=[p.slot(i, size) for i in range(a, b)],
-                        shared=[s for part in split[:j] for s in part],
+                        shared=readable[:j],
                         own=segments[j].truncated(b, size),
                         k_delta=p.delta,
                     )
@@ -550,9 +550,7 @@ class Scheduler:
             positions=list(range(q_start, end)),
             token_ids=seq.token_ids[q_start:end],
             slots=segment_slots(seq.private_pages, q_start - first, end - first, self.page_size),
-            shared=[
-                s for p in seq.placements for s in p.segments(self.page_size, self.split_segments)
-            ],
+            shared=[p.shared_segment(self.page_size, self.split_segments) for p in seq.placements],
             own=Segment(seq.private_pages, end - first),
         )
 

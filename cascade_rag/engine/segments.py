@@ -37,9 +37,10 @@ segments, and a chunk's shared pages hold the same KV in every request that read
 whatever offset. With sharing on, each group's shared segments are sorted by their pages, the
 groups are ordered so that groups reading the same pages are adjacent, and consecutive groups
 whose i-th segment is the same page list read it through one entry of level i (the rows keep
-their own deltas): the chunk's keys are read once for all of them. A placed chunk's segment is
-split into its private copied pages and its shared pages (`Placement.segments`), so recomputed
-chunks share their shared part. An entry is shared only where it saves at least
+their own deltas): the chunk's keys are read once for all of them. A placed chunk with private
+copied pages carries its split into private and shared runs (`Segment.parts`); the split is
+used only where its shared run is read by other groups of the step and sharing it pays (a
+split costs one more segment). An entry is shared only where it saves at least
 `min_shared_tokens` key reads ((rows' groups - 1) * keys), as for exact-prefix cascade.
 
 This module holds the data types, the recomputation choice and the level planner; the scheduler
@@ -48,6 +49,7 @@ admits sequences with them, and it does not compute attention (the backends do).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +103,7 @@ class Segment:
     pages: list[int]
     num_keys: int
     delta: int = 0
+    parts: list[Segment] | None = None  # the same keys as runs of private / shared pages
 
     def truncated(self, num_keys: int, page_size: int) -> Segment:
         """The first `num_keys` keys of this segment."""
@@ -133,20 +136,22 @@ class Placement:
         pages = [self.cow.get(i, p) for i, p in enumerate(self.node.pages)]
         return Segment(pages, self.node.num_tokens, self.delta)
 
-    def segments(self, page_size: int, split: bool) -> list[Segment]:
-        """The placement as segments: one, or with `split` its runs of private copied pages
-        and of the node's shared pages apart (each run is itself a valid page list)."""
+    def shared_segment(self, page_size: int, split: bool) -> Segment:
+        """The placement's segment as other rows read it; with `split` and private copied
+        pages, its runs of private and of shared pages as `parts` (each a valid page list)."""
+        whole = self.segment()
         if not split or not self.cow:
-            return [self.segment()]
-        out: list[Segment] = []
+            return whole
+        parts: list[Segment] = []
         n, pages = self.node.num_tokens, self.node.pages
         start = 0
         for i in range(1, len(pages) + 1):
             if i == len(pages) or (i in self.cow) != (start in self.cow):
                 run = [self.cow.get(j, pages[j]) for j in range(start, i)]
-                out.append(Segment(run, min(n, i * page_size) - start * page_size, self.delta))
+                parts.append(Segment(run, min(n, i * page_size) - start * page_size, self.delta))
                 start = i
-        return out
+        whole.parts = parts
+        return whole
 
     def slot(self, index: int, page_size: int) -> int:
         """Slot of chunk token `index` in this placement's segment."""
@@ -199,12 +204,25 @@ def _key(seg: Segment) -> tuple[int, int, int]:
     return seg.pages[0], len(seg.pages), seg.num_keys
 
 
-def order_groups_for_sharing(groups: list[QueryGroup]) -> list[int]:
-    """Sort each group's shared segments by their pages (in place; attention does not depend
-    on their order) and return a group order in which groups reading the same pages are
-    adjacent."""
+def order_groups_for_sharing(groups: list[QueryGroup], min_shared_tokens: int) -> list[int]:
+    """Prepare the groups for sharing (in place) and return a group order in which groups
+    reading the same pages are adjacent.
+
+    A segment with `parts` is replaced by them where one of its parts is read by other groups
+    enough to pay (`min_shared_tokens`); then each group's shared segments are sorted by their
+    pages (attention does not depend on their order).
+    """
+    readers = Counter(_key(p) for g in groups for s in g.shared for p in (s.parts or [s]))
+
+    def pays(seg: Segment) -> bool:
+        return (readers[_key(seg)] - 1) * seg.num_keys >= max(min_shared_tokens, 1)
+
     for g in groups:
-        g.shared.sort(key=_key)
+        shared = []
+        for s in g.shared:
+            split = s.parts is not None and any(pays(p) for p in s.parts)
+            shared.extend(s.parts if split else [s])
+        g.shared = sorted(shared, key=_key)
     return sorted(range(len(groups)), key=lambda i: [_key(s) for s in groups[i].shared])
 
 

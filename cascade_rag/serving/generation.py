@@ -451,4 +451,5 @@ def _sum_usage(usages: list[Usage]) -> Usage:
         prompt_tokens=sum(u.prompt_tokens for u in usages),
         cached_tokens=sum(u.cached_tokens for u in usages),
         completion_tokens=sum(u.completion_tokens for u in usages),
+        recomputed_tokens=sum(u.recomputed_tokens for u in usages),
     )

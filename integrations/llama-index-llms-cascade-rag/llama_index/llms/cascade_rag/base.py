@@ -41,8 +41,8 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.types import BaseOutputParser, PydanticProgramMode
 from llama_index.llms.cascade_rag import _tools
-from llama_index.llms.cascade_rag._arguments import unknown_arguments_error
 
+from cascade_rag.arguments import unknown_arguments_error
 from cascade_rag.llm import CascadeEngine
 from cascade_rag.outputs import GenerationOutput
 from cascade_rag.sampling import SamplingParams

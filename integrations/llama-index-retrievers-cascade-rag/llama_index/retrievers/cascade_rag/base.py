@@ -16,8 +16,8 @@ from typing import Any, Protocol
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
-from llama_index.retrievers.cascade_rag._arguments import unknown_arguments_error
 
+from cascade_rag.arguments import unknown_arguments_error
 from cascade_rag.chunks import Chunk
 
 _FACTORY_HINTS = {

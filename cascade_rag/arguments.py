@@ -1,9 +1,10 @@
-"""The error for constructor arguments `CascadeRAG` does not take: it names each argument,
-suggests a close parameter name, points engine settings to `engine_kwargs`, and says that the
-arguments of server clients (`base_url`, `api_key`...) have no meaning for a class that runs
-the engine in-process.
+"""The error for constructor arguments a framework class does not take.
 
-It does not validate values (the constructor and `cascade_rag.config.EngineConfig` do).
+Shared by the LangChain and LlamaIndex integrations: `unknown_arguments_error` names each
+unknown argument, suggests a close parameter name, points `EngineConfig` fields to
+`engine_kwargs`, and says that the arguments of server clients (`base_url`, `api_key`...) have
+no meaning for a class that runs in-process. It does not validate values (the constructors and
+`cascade_rag.config.EngineConfig` do).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _BACKENDS = ("auto", "torch", "flashinfer")
 _CHUNK_REUSE = ("prefix", "anywhere")
 _RECOMPUTE_MODES = ("first",)
+_GRAPH_CAPTURE = ("lazy", "warm")
 MAX_CASCADE_LEVELS = 8  # the planner recurses once per level; more never pays
 MAX_PAGE_SIZE = 4096
 
@@ -59,6 +60,14 @@ class EngineConfig:
         kv_store_dir: a folder where chunk KV is kept across restarts (chunk_reuse="anywhere"
             only): computed chunks are saved there, missing chunks are loaded from it.
         kv_store_bytes: disk budget of the store; least recently used entries go beyond it.
+        cuda_graphs: replay CUDA graphs for pure decode steps (one token per request), captured
+            per padded batch size and number of shared cascade levels; prefill and mixed steps
+            run eagerly. Needs CUDA and the FlashInfer backend; elsewhere it is ignored (one log
+            line). False runs every step eagerly (debugging).
+        cuda_graph_max_batch: largest decode batch replayed from a graph (a batch is padded up
+            to the next captured size); None: `max_num_seqs`.
+        cuda_graph_capture: "lazy" captures a graph on its first use, "warm" captures all of
+            them when the engine starts (slower start, no capture pauses while serving).
 
     Raises:
         TypeError / ValueError: a field of the wrong type or out of range, naming the field,
@@ -91,6 +100,9 @@ class EngineConfig:
     recompute_mode: str = "first"
     kv_store_dir: str | Path | None = None
     kv_store_bytes: int = 4 * 2**30
+    cuda_graphs: bool = True
+    cuda_graph_max_batch: int | None = None
+    cuda_graph_capture: str = "lazy"
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, (str, Path)):
@@ -144,6 +156,11 @@ class EngineConfig:
                 "chunk_reuse='anywhere' reuses chunk KV, but enable_chunk_cache=False turns the "
                 "chunk cache off; use enable_chunk_cache=True or chunk_reuse='prefix'"
             )
+        if not isinstance(self.cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        if self.cuda_graph_max_batch is not None:
+            _int_in("cuda_graph_max_batch", self.cuda_graph_max_batch, 1, 1 << 16)
+        _choice("cuda_graph_capture", self.cuda_graph_capture, _GRAPH_CAPTURE)
         if self.cascade and self.max_cascade_levels < 2:
             raise ValueError(
                 f"max_cascade_levels={self.max_cascade_levels} leaves no shared level; "

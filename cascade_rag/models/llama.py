@@ -5,6 +5,13 @@ Numerics follow transformers' modeling code op for op (RMSNorm in float32, RoPE 
 a float32 `inv_freq`, separate q/k/v projections, SiLU-gated MLP), so that greedy decoding on
 CPU in float32 matches transformers token for token.
 
+`LlamaForCausalLM.fuse_for_speed` switches to the fused GPU path (bf16 tolerance, not exact):
+q/k/v and gate/up in one matmul each, the residual stream carried beside the hidden states so
+that each residual add runs inside the next RMSNorm, SiLU-and-mul in one kernel, and RoPE
+applied in place to q and k from one cos/sin table. Its kernels are FlashInfer's on CUDA
+(`fused_add_rmsnorm`, `rmsnorm`, `silu_and_mul`, `apply_rope_with_cos_sin_cache_inplace`) and
+the same operations in PyTorch elsewhere (`TorchKernels`, also the reference in tests).
+
 This module does not own the KV cache and does not compute attention: every layer rotates
 q and k at their positions in the request (`cascade_rag.attention.rope`, shared with the
 backends, which shift the rotation of reused chunks) and hands them to the attention backend
@@ -14,9 +21,10 @@ batching or scheduling logic.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable, Mapping
-from typing import Self
+from typing import Protocol, Self
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +35,89 @@ from cascade_rag.attention.rope import apply_rotary
 from cascade_rag.models.config import ModelConfig
 
 
+class FusedKernels(Protocol):
+    """The operations of the fused path (`LlamaForCausalLM.fuse_for_speed`)."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def add_rms_norm_(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> None:
+        """In place: residual += x, then x = rms_norm(residual)."""
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, 2 * d] -> [n, d]: silu(x[:, :d]) * x[:, d:]."""
+
+    def rope_(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+    ) -> None:
+        """In place: rotate q [n, hq, d] and k [n, hk, d] (views are fine) at `positions`;
+        cos_sin [max_positions, d] float32 holds cos of the d // 2 angles, then their sin."""
+
+
+class TorchKernels:
+    """The fused path's operations in PyTorch (any device; the CPU reference of the GPU path)."""
+
+    name = "torch"
+
+    def rms_norm(self, x, weight, eps):
+        return F.rms_norm(x, weight.shape, weight, eps)
+
+    def add_rms_norm_(self, x, residual, weight, eps):
+        residual.add_(x)
+        x.copy_(F.rms_norm(residual, weight.shape, weight, eps))
+
+    def silu_and_mul(self, x):
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rope_(self, positions, q, k, cos_sin):
+        half = cos_sin.shape[-1] // 2
+        table = cos_sin[positions][:, None]  # [n, 1, d]
+        cos, sin = table[..., :half], table[..., half:]
+        for x in (q, k):
+            x1, x2 = x[..., :half].float(), x[..., half:].float()
+            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            x.copy_(rotated)
+
+
+class FlashInferKernels:
+    """The fused path's operations as FlashInfer's CUDA kernels (one launch each)."""
+
+    name = "flashinfer"
+
+    def __init__(self) -> None:
+        import flashinfer
+
+        self._fi = flashinfer
+
+    def rms_norm(self, x, weight, eps):
+        return self._fi.rmsnorm(x, weight, eps)
+
+    def add_rms_norm_(self, x, residual, weight, eps):
+        self._fi.fused_add_rmsnorm(x, residual, weight, eps)
+
+    def silu_and_mul(self, x):
+        return self._fi.silu_and_mul(x)
+
+    def rope_(self, positions, q, k, cos_sin):
+        self._fi.apply_rope_with_cos_sin_cache_inplace(
+            positions, q, k, q.shape[-1], cos_sin, is_neox=True
+        )
+
+
+def make_kernels(kind: str, device: torch.device) -> FusedKernels:
+    """ "flashinfer", "torch", or "auto" (FlashInfer on CUDA where it is installed)."""
+    if kind == "auto":
+        has_flashinfer = importlib.util.find_spec("flashinfer") is not None
+        kind = "flashinfer" if device.type == "cuda" and has_flashinfer else "torch"
+    if kind == "flashinfer":
+        return FlashInferKernels()
+    if kind == "torch":
+        return TorchKernels()
+    raise ValueError(f"kernels={kind!r} is not 'auto', 'flashinfer' or 'torch'")
+
+
 class RMSNorm(nn.Module):
     """RMSNorm as transformers computes it: statistics in float32, scale in the input dtype."""
 
@@ -35,11 +126,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    fused: bool = False  # one F.rms_norm kernel (GPU); the reference op order otherwise
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         input_dtype = x.dtype
         x = x.to(torch.float32)
         variance = x.pow(2).mean(-1, keepdim=True)
@@ -129,8 +216,6 @@ class LlamaAttention(nn.Module):
         attn: AttentionBackend,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        if self.qkv_weight is not None:
-            return self._fused_forward(x, cos, sin, kv_cache, attn)
         q = self.q_proj(x).view(num_tokens, self.num_qo_heads, self.head_dim)
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -159,17 +244,26 @@ class LlamaAttention(nn.Module):
             for proj, part in zip((self.q_proj, self.k_proj, self.v_proj), b.split(sizes)):
                 proj.bias = nn.Parameter(part, requires_grad=False)
 
-    def _fused_forward(self, x, cos, sin, kv_cache, attn) -> torch.Tensor:
-        # one projection, one RoPE over q and k heads together: fewer kernel launches
+    def forward_fused(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden_size], normed
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionBackend,
+        kernels: FusedKernels,
+    ) -> torch.Tensor:
+        # one projection; q and k rotated in place inside it; attention gets views of it
         n, hq, hk, d = x.shape[0], self.num_qo_heads, self.num_kv_heads, self.head_dim
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(n, hq + 2 * hk, d)
-        qk = qkv[:, : hq + hk]
-        v = qkv[:, hq + hk :]
-        if self.q_norm is not None:
-            qk = torch.cat([self.q_norm(qk[:, :hq]), self.k_norm(qk[:, hq:])], dim=1)
-        qk = apply_rotary(qk, cos, sin)
+        q, k, v = qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
+        if self.q_norm is not None:  # per-head norms before RoPE
+            q = kernels.rms_norm(q.reshape(n * hq, d), self.q_norm.weight, self.q_norm.eps)
+            k = kernels.rms_norm(k.reshape(n * hk, d), self.k_norm.weight, self.k_norm.eps)
+            q, k = q.view(n, hq, d), k.view(n, hk, d)
+        kernels.rope_(positions, q, k, cos_sin)
         k_cache, v_cache = kv_cache
-        out = attn.forward(qk[:, :hq], qk[:, hq:], v, k_cache, v_cache)
+        out = attn.forward(q, k, v, k_cache, v_cache)
         return self.o_proj(out.reshape(n, hq * d))
 
 
@@ -191,10 +285,10 @@ class LlamaMLP(nn.Module):
         self.up_proj.weight = nn.Parameter(up, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward_fused(self, x: torch.Tensor, kernels: FusedKernels) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(F.linear(x, self.gate_up_weight)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -216,6 +310,29 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_fused(
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionBackend,
+        kernels: FusedKernels,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (mlp output, residual): the previous layer's output h is added
+        to the residual inside this layer's first norm (the first layer's h is the input)."""
+        norm = self.input_layernorm
+        if residual is None:
+            residual = h
+            h = kernels.rms_norm(h, norm.weight, norm.eps)
+        else:
+            kernels.add_rms_norm_(h, residual, norm.weight, norm.eps)
+        h = self.self_attn.forward_fused(h, positions, cos_sin, kv_cache, attn, kernels)
+        norm = self.post_attention_layernorm
+        kernels.add_rms_norm_(h, residual, norm.weight, norm.eps)
+        return self.mlp.forward_fused(h, kernels), residual
+
 
 class LlamaModel(nn.Module):
     """The decoder stack without the LM head (HF's `model.` prefix)."""
@@ -231,6 +348,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        # the fused path (LlamaForCausalLM.fuse_for_speed): its kernels and RoPE table
+        self.kernels: FusedKernels | None = None
+        self.cos_sin: torch.Tensor | None = None  # [max_positions, head_dim] float32
 
     def forward(
         self,
@@ -239,11 +359,31 @@ class LlamaModel(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         attn: AttentionBackend,
     ) -> torch.Tensor:
+        if self.kernels is not None:
+            return self._forward_fused(input_ids, positions, kv_caches, attn)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, x.dtype)  # once per forward, shared by all layers
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, kv_cache, attn)
         return self.norm(x)
+
+    def _forward_fused(self, input_ids, positions, kv_caches, attn) -> torch.Tensor:
+        kernels, cos_sin = self.kernels, self.cos_sin
+        h, residual = self.embed_tokens(input_ids), None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h, residual = layer.forward_fused(
+                h, residual, positions, cos_sin, kv_cache, attn, kernels
+            )
+        kernels.add_rms_norm_(h, residual, self.norm.weight, self.norm.eps)
+        return h
+
+    def rope_table(self, max_positions: int) -> torch.Tensor:
+        """[max_positions, head_dim] float32 on the model's device: cos of the angles
+        position * inv_freq, then their sin (the same float32 angles as `rotary_emb`)."""
+        inv_freq = self.rotary_emb.inv_freq
+        positions = torch.arange(max_positions, device=inv_freq.device)
+        freqs = positions[:, None].float() * inv_freq
+        return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -271,19 +411,25 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
         self.requires_grad_(False)
 
-    def fuse_for_speed(self) -> None:
-        """Switch to the fused GPU path: q/k/v and gate/up matmuls fused (same parameters,
-        shared storage), single-kernel RMSNorm, one RoPE for q and k. Outputs equal the
-        reference path within rounding, not bit for bit, so the CPU float32 path that must
-        match transformers token for token keeps the reference ops."""
-        if self.model.layers[0].self_attn.qkv_weight is not None:
-            return  # already fused
-        for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.fused = True
+    def fuse_for_speed(self, kernels: str = "auto") -> None:
+        """Switch to the fused GPU path (see the module docstring): q/k/v and gate/up
+        matmuls fused (same parameters, shared storage), residual adds inside the norms,
+        SiLU-and-mul and in-place RoPE from a float32 table of `max_position_embeddings` rows,
+        made here on the model's device (call it after moving the model).
+
+        Args:
+            kernels: "auto" (FlashInfer's on CUDA where installed, else PyTorch),
+                "flashinfer" or "torch".
+
+        Outputs equal the reference path within rounding, not bit for bit, so the CPU float32
+        path that must match transformers token for token keeps the reference ops.
+        """
+        if self.model.layers[0].self_attn.qkv_weight is None:
+            for layer in self.model.layers:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+        self.model.kernels = make_kernels(kernels, self.device)
+        self.model.cos_sin = self.model.rope_table(self.config.max_position_embeddings)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -329,8 +475,11 @@ class LlamaForCausalLM(nn.Module):
             )
         return self.model(input_ids, positions, kv_caches, attn)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[rows, hidden_size] hidden states -> [rows, vocab_size] float32 logits."""
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[rows, hidden_size] hidden states -> [rows, vocab_size] float32 logits (written to
+        `out` [rows, vocab_size] float32 if given, e.g. a CUDA graph's static buffer)."""
+        if out is not None:
+            return out.copy_(self.lm_head(hidden))
         return self.lm_head(hidden).float()
 
     @classmethod

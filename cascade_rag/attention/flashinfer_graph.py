@@ -1,0 +1,383 @@
+"""Graph-safe FlashInfer attention for pure decode steps: fixed buffers, planned outside the graph.
+
+A CUDA graph replays its kernels with the pointers and launch shapes they were captured with, so
+everything that changes from one decode step to the next must sit in buffers the graph already
+points to, and every launch shape must be fixed. `DecodeGraphAttention` serves one batch bucket
+of `batch_size` rows; a step of n <= batch_size sequences (one query row each) is padded:
+
+- Last level: FlashInfer's paged decode wrapper created with `use_cuda_graph=True` over fixed
+  `kv_indptr` / `kv_indices` / `kv_last_page_len` buffers. Padded rows read one slot of a
+  scratch page that no request owns.
+- Shared levels: paged prefill wrappers (not causal, docs/design.md rule 5) over a fixed number
+  of entries, `shared_entry_capacity(batch_size, group_size)`: the step's entries (runs of
+  entries without keys merged into one), then entries without rows; the padded rows [n,
+  batch_size) form one entry without keys, so every level still covers every row. A level's
+  result is merged into the last level's with a per-row mask, so rows that read no keys in that
+  level (whatever the kernel writes for them) are left exactly as they are.
+- New K/V: one `append_paged_kv_cache` call writes k and v, addressing the whole pool as a
+  single page list (page i at index i) with each row's slot as its position; padded rows write
+  the scratch slot.
+
+`plan` runs FlashInfer's planners on the host and copies the step's index arrays into the
+buffers (once per step); `forward` (once per layer) launches kernels only: no host reads, no
+data-dependent shapes, so it can be captured. How many shared levels `forward` runs is part of
+a captured graph (`num_shared`, set by `plan`): the graph runner keeps one graph per bucket and
+number of shared levels.
+
+It does not capture or replay graphs (engine/cuda_graph.py does), does not decide the levels
+(the model runner does) and takes no step with boundary-page copies, position deltas or more
+entries than its buffers hold (`layout` returns None: such steps run eagerly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import flashinfer
+import numpy as np
+import torch
+
+from cascade_rag.attention.metadata import AttentionMetadata, CascadeLevel
+
+# FlashInfer picks a graph-mode prefill plan's query tile for its longest possible entry,
+# (total rows - entries + 1) rows of `group_size` query heads each; above this many packed rows
+# it takes the 128-row tile, so a long shared entry over many rows is read by few tiles.
+_LARGE_TILE_ROWS = 64
+
+
+def shared_entry_capacity(batch_size: int, group_size: int) -> int:
+    """Entries a shared level of a `batch_size` bucket holds (its fixed FlashInfer batch size).
+
+    Fewer entries than rows make FlashInfer's worst-case entry longer, hence its query tile
+    larger: with at most `batch_size - 64 // group_size` entries it is the 128-row tile, as in
+    an eager plan of one entry over the whole batch. A bucket whose rows fit one 64-row tile
+    keeps one entry per row.
+
+    Example:
+        >>> shared_entry_capacity(128, 4)  # Llama-3.2-1B: 32 query heads, 8 KV heads
+        112
+    """
+    if batch_size * group_size <= _LARGE_TILE_ROWS:
+        return batch_size
+    return batch_size - _LARGE_TILE_ROWS // group_size
+
+
+def _host(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.int64).numpy()
+
+
+@dataclass
+class _SharedPlan:
+    """One shared level, padded to the bucket: what `plan` hands the level's wrapper."""
+
+    qo_indptr: np.ndarray  # [capacity + 1] int32
+    kv_indptr: np.ndarray  # [capacity + 1] int32
+    kv_indices: torch.Tensor  # [kv_indptr[-1]] page ids (host or device)
+    kv_last_page_len: np.ndarray  # [capacity] int32
+    mask: np.ndarray  # [batch_size] bool: rows that read keys in this level
+    source: tuple[CascadeLevel, int] | None = None  # (level, n) it pads; None: a dummy
+
+
+@dataclass
+class DecodeLayout:
+    """A decode step padded to a bucket (host arrays; `DecodeGraphAttention.layout`)."""
+
+    num_rows: int  # n, the step's real rows
+    kv_indptr: np.ndarray  # [batch_size + 1] int32, last level
+    kv_indices: torch.Tensor  # last level's page ids, without the padded rows' pages
+    kv_last_page_len: np.ndarray  # [batch_size] int32
+    shared: list[_SharedPlan]
+
+
+@dataclass
+class _SharedLevel:
+    wrapper: object
+    mask: torch.Tensor  # [batch_size] bool on the device
+
+
+class DecodeGraphAttention:
+    """Attention of pure decode steps for one batch bucket, capturable in a CUDA graph.
+
+    Use `layout(metadata)` to pad a step (None: it does not fit), `plan(layout)` and
+    `set_slots(slot_mapping, n)` once per step outside the graph, and `forward` per layer,
+    inside or outside a graph. The attention backend protocol's `plan(metadata)` does all three.
+
+    Args:
+        num_qo_heads, num_kv_heads, head_dim: attention shape.
+        page_size: slots per page.
+        dtype: dtype of q and of the KV cache (bfloat16 or float16).
+        device: CUDA device.
+        batch_size: rows of the bucket (a step has at most this many sequences).
+        max_shared_levels: most shared (non-causal) levels a step has.
+        num_pages: pages in the KV pool (`append_paged_kv_cache` addresses them all).
+        scratch_page: a page no request reads or writes; padded rows write and read it.
+        workspace: FlashInfer float workspace, shared by every wrapper (one graph runs at a
+            time, and each plan rewrites what its own graph reads).
+        max_pages_per_seq: most pages one sequence's level holds (sizes the index buffers);
+            None: `num_pages`.
+        shared_backend: FlashInfer prefill backend of the shared levels ("fa2", as the eager
+            backend: it splits long key ranges across CTAs).
+
+    Example:
+        >>> attn = DecodeGraphAttention(32, 8, 64, 16, torch.bfloat16, "cuda", 48, 2,
+        ...                             pool.num_pages, scratch, workspace)
+        >>> layout = attn.layout(metadata)  # a decode step of 37 sequences
+        >>> attn.plan(layout); attn.set_slots(metadata.slot_mapping, 37)
+        >>> out = attn.forward(q, k, v, k_cache, v_cache)  # [48, 32, 64]; rows 37.. are padding
+    """
+
+    def __init__(
+        self,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        batch_size: int,
+        max_shared_levels: int,
+        num_pages: int,
+        scratch_page: int,
+        workspace: torch.Tensor,
+        max_pages_per_seq: int | None = None,
+        shared_backend: str = "fa2",
+    ) -> None:
+        if num_pages * page_size >= 2**31:
+            raise ValueError(
+                f"{num_pages} pages x {page_size} slots do not fit the int32 slot ids of "
+                "FlashInfer's KV append; lower kv_cache_tokens or turn cuda_graphs off"
+            )
+        self.num_qo_heads = num_qo_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.page_size = page_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.batch_size = b = batch_size
+        self.scratch_page = scratch_page
+        self.scratch_slot = scratch_page * page_size
+        group = num_qo_heads // num_kv_heads
+        self.max_shared_entries = shared_entry_capacity(b, group)
+        per_seq = min(max_pages_per_seq or num_pages, num_pages)
+        self.max_indices = b * per_seq + b  # + one scratch page per padded row
+        i32 = dict(dtype=torch.int32, device=self.device)
+        self._decode_indptr = torch.zeros(b + 1, **i32)
+        self._decode_indices = torch.zeros(self.max_indices, **i32)
+        self._decode_last_len = torch.zeros(b, **i32)
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace,
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=group >= 4,  # as the eager backend
+            paged_kv_indptr_buffer=self._decode_indptr,
+            paged_kv_indices_buffer=self._decode_indices,
+            paged_kv_last_page_len_buffer=self._decode_last_len,
+        )
+        e = self.max_shared_entries
+        self._shared: list[_SharedLevel] = []
+        for _ in range(max_shared_levels):
+            wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                workspace,
+                "NHD",
+                use_cuda_graph=True,
+                qo_indptr_buf=torch.zeros(e + 1, **i32),
+                paged_kv_indptr_buf=torch.zeros(e + 1, **i32),
+                paged_kv_indices_buf=torch.zeros(self.max_indices, **i32),
+                paged_kv_last_page_len_buf=torch.zeros(e, **i32),
+                backend=shared_backend,
+            )
+            mask = torch.zeros(b, dtype=torch.bool, device=self.device)
+            self._shared.append(_SharedLevel(wrapper, mask))
+        # A shared level that comes back as the same object (the model runner reuses its
+        # levels while the batch's sharing does not change) with the same rows is neither
+        # padded nor planned again: its wrapper still holds that plan.
+        self._padded: list[_SharedPlan | None] = [None] * max_shared_levels
+        self._planned: list[tuple[CascadeLevel, int] | None] = [None] * max_shared_levels
+        # the KV append sees the pool as one request whose page i is page i: a row's slot is
+        # its position in that request
+        self._append_pages = torch.arange(num_pages, **i32)
+        self._append_indptr = torch.tensor([0, num_pages], **i32)
+        self._append_last_len = torch.tensor([page_size], **i32)
+        self._append_batch = torch.zeros(b, **i32)
+        self.slots = torch.full((b,), self.scratch_slot, **i32)  # [batch_size] where K/V go
+        self._scratch_from = 0  # slots[i] is the scratch slot for every i >= this
+        self.num_shared = 0  # shared levels `forward` runs (fixed within a captured graph)
+
+    @property
+    def max_shared_levels(self) -> int:
+        return len(self._shared)
+
+    # ---- once per step (host) ------------------------------------------------------------
+
+    def layout(self, metadata: AttentionMetadata) -> DecodeLayout | None:
+        """The step padded to this bucket, or None if it is no pure decode step that fits.
+
+        A step fits if it has one query row per last-level entry, at most `batch_size` rows,
+        no boundary-page copies and no position deltas, at most `max_shared_levels` shared
+        levels of at most `max_shared_entries` entries (after merging runs of entries without
+        keys, and one more for the padded rows), and page lists that fit the index buffers.
+        """
+        n = metadata.num_tokens
+        levels = metadata.levels
+        if not 0 < n <= self.batch_size or len(levels) - 1 > self.max_shared_levels:
+            return None
+        if metadata.has_rope_deltas or metadata.copy_src.numel():
+            return None
+        last = levels[-1]
+        if last.num_entries != n:
+            return None
+        pad = self.batch_size - n
+        indptr = _host(last.kv_indptr)
+        if int(indptr[-1]) + pad > self.max_indices:
+            return None
+        kv_indptr = np.concatenate([indptr, indptr[-1] + np.arange(1, pad + 1)])
+        last_len = np.concatenate([_host(last.kv_last_page_len), np.ones(pad, np.int64)])
+        shared = []
+        for j, level in enumerate(levels[:-1]):
+            plan = self._padded[j]
+            if plan is None or plan.source[0] is not level or plan.source[1] != n:
+                plan = self._shared_layout(level, n)
+                if plan is None:
+                    return None
+                self._padded[j] = plan
+            shared.append(plan)
+        return DecodeLayout(
+            n, kv_indptr.astype(np.int32), last.kv_indices, last_len.astype(np.int32), shared
+        )
+
+    def _shared_layout(self, level: CascadeLevel, n: int) -> _SharedPlan | None:
+        qo, kv = _host(level.qo_indptr), _host(level.kv_indptr)
+        last_len = _host(level.kv_last_page_len)
+        has_keys = kv[1:] > kv[:-1]
+        # an entry without keys is kept only where a run of such entries starts
+        keep = has_keys.copy()
+        keep[0] = True
+        keep[1:] |= has_keys[:-1]
+        starts_qo, starts_kv = qo[:-1][keep], kv[:-1][keep]
+        fill = self.max_shared_entries - int(keep.sum())
+        if fill < (n < self.batch_size) or int(kv[-1]) > self.max_indices:
+            return None
+        b = self.batch_size
+        # the first filler entry takes the padded rows [n, b), the others no rows; none has keys
+        qo_p = np.concatenate([starts_qo, [n], np.full(fill, b)])
+        kv_p = np.concatenate([starts_kv, np.full(fill + 1, kv[-1])])
+        lens_p = np.concatenate([last_len[keep], np.zeros(fill, np.int64)])
+        mask = np.zeros(b, dtype=bool)
+        mask[:n] = np.repeat(has_keys, qo[1:] - qo[:-1])
+        return _SharedPlan(
+            qo_p.astype(np.int32),
+            kv_p.astype(np.int32),
+            level.kv_indices,
+            lens_p.astype(np.int32),
+            mask,
+            (level, n),
+        )
+
+    def plan(self, layout: DecodeLayout | AttentionMetadata) -> None:
+        """Plan every wrapper for a step and copy its index arrays into the fixed buffers.
+
+        Given `AttentionMetadata` (the backend protocol), it also sets the step's slots; it
+        raises ValueError for a step that does not fit (see `layout`).
+        """
+        if isinstance(layout, AttentionMetadata):
+            metadata = layout
+            layout = self.layout(metadata)
+            if layout is None:
+                raise ValueError(
+                    f"this step does not fit the {self.batch_size}-row decode graph buffers "
+                    "(not a pure decode step, copies, position deltas or too many entries); "
+                    "run it with the eager backend"
+                )
+            self.set_slots(metadata.slot_mapping, metadata.num_tokens)
+        common = dict(pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype)
+        pad = self.batch_size - layout.num_rows
+        self._decode.plan(
+            torch.from_numpy(layout.kv_indptr),
+            layout.kv_indices,  # host or device: the plan copies them into the buffer
+            torch.from_numpy(layout.kv_last_page_len),
+            self.num_qo_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.page_size,
+            **common,
+        )
+        if pad:  # the padded rows' scratch pages follow the real page lists
+            start = int(layout.kv_indptr[layout.num_rows])
+            self._decode_indices[start : start + pad].fill_(self.scratch_page)
+        for j, (level, plan) in enumerate(zip(self._shared, layout.shared)):
+            done = self._planned[j]
+            if plan.source is not None and done is not None and done[0] is plan.source[0]:
+                if done[1] == plan.source[1]:
+                    continue  # planned for this very level and rows already
+            self._planned[j] = plan.source
+            level.wrapper.plan(
+                torch.from_numpy(plan.qo_indptr),
+                torch.from_numpy(plan.kv_indptr),
+                plan.kv_indices,
+                torch.from_numpy(plan.kv_last_page_len),
+                self.num_qo_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                self.page_size,
+                causal=False,
+                **common,
+            )
+            level.mask.copy_(torch.from_numpy(plan.mask), non_blocking=True)
+        self.num_shared = len(layout.shared)
+
+    def plan_dummy(self, num_shared: int) -> None:
+        """Plan a step in which every row is padding (for capturing: all reads and writes go
+        to the scratch page), with `num_shared` shared levels."""
+        b, e = self.batch_size, self.max_shared_entries
+        scratch = torch.full((b,), self.scratch_page, dtype=torch.int64)
+        ones = np.ones(b, np.int32)
+        shared = []
+        for _ in range(num_shared):  # one entry over every row, reading one scratch slot
+            qo = np.full(e + 1, b, np.int32)
+            qo[0] = 0
+            kv = np.ones(e + 1, np.int32)
+            kv[0] = 0
+            lens = np.zeros(e, np.int32)
+            lens[0] = 1
+            shared.append(_SharedPlan(qo, kv, scratch[:1], lens, np.zeros(b, bool)))
+        layout = DecodeLayout(b, np.arange(b + 1, dtype=np.int32), scratch, ones, shared)
+        self.plan(layout)
+        self.set_slots(None, 0)
+
+    def set_slots(self, slot_mapping: torch.Tensor | None, n: int) -> None:
+        """Rows [0, n) write their new K/V to `slot_mapping` [n] (int64, any device), rows
+        [n, batch_size) to the scratch slot."""
+        if n:
+            self.slots[:n].copy_(slot_mapping, non_blocking=True)
+        if n < self._scratch_from:
+            self.slots[n : self._scratch_from].fill_(self.scratch_slot)
+        self._scratch_from = n
+
+    # ---- once per layer (capturable) -----------------------------------------------------
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [batch_size, num_qo_heads, head_dim]
+        k: torch.Tensor,  # [batch_size, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        k_cache: torch.Tensor,  # [num_pages, page_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:  # [batch_size, num_qo_heads, head_dim]
+        kv_cache = (k_cache, v_cache)
+        flashinfer.append_paged_kv_cache(
+            k,
+            v,
+            self._append_batch,
+            self.slots,
+            kv_cache,
+            self._append_pages,
+            self._append_indptr,
+            self._append_last_len,
+        )
+        if not self.num_shared:
+            return self._decode.run(q, kv_cache)
+        out, lse = self._decode.run(q, kv_cache, return_lse=True)
+        for level in self._shared[: self.num_shared]:
+            out_l, lse_l = level.wrapper.run(q, kv_cache, return_lse=True)
+            flashinfer.merge_state_in_place(out, lse, out_l, lse_l, mask=level.mask)
+        return out

@@ -36,7 +36,7 @@ import re
 import secrets
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -575,4 +575,144 @@ class PromptComposer:
             if (i + 1) in cuts or (n >= min_len and tok < len(line_end) and line_end[tok]):
                 chunks.append(self.registry.chunk_for(ids[start : i + 1], ChunkType.CONTEXT))
                 start = i + 1
+        return PreparedPrompt(chunks=tuple(chunks), tail_ids=tuple(ids[start:]))
+
+    # ---- passages inside plain prompts -------------------------------------------------
+
+    def prepare_passages(
+        self,
+        prompt: str | Sequence[Mapping[str, str]],
+        find: Callable[[str], Sequence[tuple[int, int]]],
+    ) -> tuple[PreparedPrompt, int]:
+        """`prepare(prompt, register=False)` of a str or chat messages, with the passages that
+        `find` locates in the prompt's text made RAG_RESULT chunks of their own.
+
+        The token ids are exactly those of `prepare(prompt)`: the prompt is tokenized whole
+        and only cut differently. A passage becomes a chunk where a token starts at its first
+        character and one ends at its last; otherwise it stays part of the text around it.
+        The text before the first passage starts with a SYSTEM_PROMPT chunk, the anchor of
+        reuse anywhere: up to the first message end if there is one (the system turn, however
+        long), else up to where `prepare` first cuts; the rest of it is cut as `prepare` cuts
+        (at message ends, and after line ends once a piece is long enough). The text between
+        two passages is one CONTEXT chunk; the text after the last passage is the request's
+        private tail (a passage that ends the prompt is not made a chunk: the last token stays
+        private). A prompt without passages is cut the same way, the last token private.
+
+        Args:
+            prompt: plain text or chat messages, as `prepare` takes them.
+            find: gets the text the ids are tokenized from (for chat messages the rendered
+                conversation, control-token strings included) and returns increasing,
+                non-overlapping (start, end) character spans of passages.
+
+        Returns:
+            (prepared, number of passages made chunks). Nothing is registered; `commit`
+            (or the engine, when the prompt is submitted) registers the chunks.
+
+        Raises:
+            the errors of `prepare` for a bad prompt.
+
+        Example:
+            >>> text = "Context:\\nPlum is the capital of Zorbia.\\nQuestion: what is Plum?"
+            >>> start = text.index("Plum")
+            >>> planned, found = composer.prepare_passages(text, lambda t: [(start, start + 30)])
+            >>> found, planned.chunks[-1].type.value
+            (1, 'rag_result')
+        """
+        text, ids, ends, cuts = self._encode_with_ends(prompt)
+        if not self.use_chunks:
+            return PreparedPrompt(chunks=(), tail_ids=tuple(ids)), 0
+        token_count = {0: 0}  # character offset -> tokens that end at or before it
+        for i, end in enumerate(ends):
+            token_count[end] = i + 1
+        spans: list[tuple[int, int, int, int]] = []  # (first token, end token, start, end)
+        for start, end in find(text):
+            a, b = token_count.get(start), token_count.get(end)
+            if a is None or b is None or a >= b or b >= len(ids):
+                continue
+            if spans and a < spans[-1][1]:
+                continue
+            spans.append((a, b, start, end))
+        if not spans:
+            return self._split_anchored(ids, cuts), 0
+        chunks: list[Chunk] = []
+        head_end = spans[0][0]
+        if head_end:
+            start = 0
+            for cut in [*self._head_cut_points(ids, head_end, cuts), head_end]:
+                if cut > start:
+                    kind = ChunkType.CONTEXT if chunks else ChunkType.SYSTEM_PROMPT
+                    chunks.append(self.registry.chunk_for(ids[start:cut], kind))
+                    start = cut
+        for i, (a, b, start, end) in enumerate(spans):
+            if i and a > spans[i - 1][1]:
+                chunks.append(self.registry.chunk_for(ids[spans[i - 1][1] : a], ChunkType.CONTEXT))
+            chunks.append(self.registry.chunk_for(ids[a:b], ChunkType.RAG_RESULT, text[start:end]))
+        return PreparedPrompt(chunks=tuple(chunks), tail_ids=tuple(ids[spans[-1][1] :])), len(spans)
+
+    def _encode_with_ends(
+        self, prompt: str | Sequence[Mapping[str, str]]
+    ) -> tuple[str, list[int], list[int], set[int]]:
+        """(text, ids, ends, cuts) of a str or chat messages: the ids `prepare` gives, the
+        text they are tokenized from, each token's end in characters, and the message ends
+        (token counts) where `prepare` cuts."""
+        if isinstance(prompt, str):
+            check_text(prompt, "prompt")
+            if not prompt.strip():
+                raise ValueError("prompt is empty; pass non-empty text")
+            ids, ends = self.text._encode_with_ends(prompt, True)
+            return prompt, ids, ends, set()
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise TypeError(
+                "prompt must be a non-empty str or a list of {'role', 'content'} messages; got "
+                f"{type(prompt).__name__}"
+            )
+        for i, m in enumerate(prompt):
+            if not isinstance(m, Mapping):
+                raise TypeError(f"message {i} must be a mapping, got {type(m).__name__}")
+        ids, cuts = self._encode_messages(prompt)  # checks the messages
+        messages = [dict(m) for m in prompt]
+        if self.has_chat_template:
+            parts = self._render_parts(messages)
+            again, ends = self.text.encode_parts(parts)
+            text = "".join(p for p, _ in parts)
+        else:
+            text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
+            again, ends = self.text._encode_with_ends(text, True)
+        assert again == ids, "the rendered text tokenizes to the prompt's ids"
+        return text, ids, ends, cuts
+
+    def _cut_points(self, ids: list[int], lo: int, hi: int, cuts: set[int]) -> list[int]:
+        """Where `_split` would cut ids[lo:hi]: token counts in (lo, hi] at `cuts` and after
+        line ends once a piece has `auto_chunk_min_tokens` tokens."""
+        line_end = self._line_ends()
+        points: list[int] = []
+        start = lo
+        for i in range(lo, hi):
+            tok = ids[i]
+            n = i + 1 - start
+            if (i + 1) in cuts or (
+                n >= self.auto_chunk_min_tokens and tok < len(line_end) and line_end[tok]
+            ):
+                points.append(i + 1)
+                start = i + 1
+        return points
+
+    def _head_cut_points(self, ids: list[int], hi: int, cuts: set[int]) -> list[int]:
+        """Cut points of ids[:hi] whose first piece is the anchor: it ends at the first
+        message end before `hi` if there is one, else where `_split` first cuts."""
+        message_ends = sorted(c for c in cuts if 0 < c <= hi)
+        if not message_ends:
+            return self._cut_points(ids, 0, hi, cuts)
+        first = message_ends[0]
+        return [first, *self._cut_points(ids, first, hi, cuts)]
+
+    def _split_anchored(self, ids: list[int], cuts: set[int]) -> PreparedPrompt:
+        """A prompt without passages, cut as `prepare_passages` cuts the text before a
+        passage: the anchor (a SYSTEM_PROMPT chunk) first, the last token private."""
+        chunks: list[Chunk] = []
+        start = 0
+        for cut in self._head_cut_points(ids, len(ids) - 1, cuts):
+            kind = ChunkType.CONTEXT if chunks else ChunkType.SYSTEM_PROMPT
+            chunks.append(self.registry.chunk_for(ids[start:cut], kind))
+            start = cut
         return PreparedPrompt(chunks=tuple(chunks), tail_ids=tuple(ids[start:]))

@@ -69,6 +69,12 @@ class CascadeEngineParams(BaseModel):
     streaming: bool = False
     """Generate through the streaming path in `invoke`/`generate` (token callbacks fire)."""
 
+    passage_chunks: bool = True
+    """Make each passage registered with the engine (`CascadeEmbeddings(engine=...)`) that a
+    prompt contains a chunk of its own, so its KV is reused where it comes back (see
+    `cascade_rag.passages`; the prompt's token ids do not change). Only active once the
+    engine has passages."""
+
     @model_validator(mode="before")
     @classmethod
     def _reject_unknown_arguments(cls, values: Any) -> Any:
@@ -115,6 +121,16 @@ class CascadeEngineParams(BaseModel):
             values["max_tokens"] = self.engine.max_model_len  # the engine clamps to the context
         stop = self.stop if stop is None else stop
         return SamplingParams(stop=tuple(stop or ()), **values)
+
+    def _engine_prompt(self, prompt):
+        """The engine prompt for `prompt` (a str or chat messages): with `passage_chunks`
+        and passages registered with the engine, a `PreparedPrompt` whose passages are
+        chunks; otherwise the prompt itself."""
+        if not self.passage_chunks:
+            return prompt
+        from cascade_rag.passages import compose_prompt
+
+        return compose_prompt(self.engine, prompt)
 
     def _ls_params(self, model_type: str, stop: list[str] | None, kwargs: Mapping) -> dict:
         """LangSmith's standard tracing params, honouring per-call overrides."""
@@ -203,10 +219,12 @@ def usage_metadata(usage) -> UsageMetadata:
 
 
 def token_usage(usage) -> dict[str, int]:
-    """OpenAI-style token counts (completion models' `generation_info` / `llm_output`)."""
+    """OpenAI-style token counts (completion models' `generation_info` / `llm_output`), with
+    `recomputed_tokens` (chunk_reuse="anywhere": reused chunk tokens computed again)."""
     return {
         "prompt_tokens": usage.prompt_tokens,
         "cached_tokens": usage.cached_tokens,
+        "recomputed_tokens": usage.recomputed_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
     }

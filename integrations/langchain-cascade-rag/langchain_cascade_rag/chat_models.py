@@ -155,7 +155,8 @@ class ChatCascadeRAG(BaseChatModel, CascadeEngineParams):
                 sampling = replace(sampling, constraint=plan.constraint)
             return plan.prompt, sampling, plan
         if chunks is None:
-            return [{"role": t["role"], "content": t["content"]} for t in turns], sampling, None
+            prompt = [{"role": t["role"], "content": t["content"]} for t in turns]
+            return self._engine_prompt(prompt), sampling, None
         from cascade_rag.composition import Composition
 
         system = [t["content"] for t in turns if t["role"] == "system"]
@@ -413,4 +414,6 @@ def _response_metadata(model_name: str, output) -> dict[str, Any]:
         "model_name": model_name,
         "finish_reason": output.finish_reason,
         "stop_reason": output.stop_reason,
+        # chunk_reuse="anywhere": tokens of reused chunks computed again in this context
+        "recomputed_tokens": output.usage.recomputed_tokens,
     }

@@ -69,14 +69,15 @@ class CascadeRAGLLM(BaseLLM, CascadeEngineParams):
         overrides, chunks = split_call_kwargs(type(self).__name__, kwargs)
         sampling = self.sampling_params(stop, **overrides)
         if chunks is None:
-            return list(prompts), sampling
+            return [self._engine_prompt(p) for p in prompts], sampling
         from cascade_rag.composition import Composition
 
         items = composition_chunks(self.engine, chunks)
         return [Composition(query=p, chunks=items) for p in prompts], sampling
 
     def _result(self, generations: list[Generation]) -> LLMResult:
-        total = {"prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        keys = ("prompt_tokens", "cached_tokens", "recomputed_tokens", "completion_tokens")
+        total = dict.fromkeys((*keys, "total_tokens"), 0)
         for generation in generations:
             for key, value in generation.generation_info["token_usage"].items():
                 total[key] += value

@@ -91,6 +91,11 @@ class CascadeRAG(FunctionCallingLLM):
         seed: per-request seed for reproducible sampling; None uses torch's global RNG.
         stop: stop strings; the reply is cut before the first one generated.
         system_prompt: prepended as a system message to `complete` prompts.
+        passage_chunks: make each passage registered with the engine (`CascadeEmbedding(
+            engine=...)`) that a prompt contains a chunk of its own, so its KV is reused
+            where it comes back, as in a stock `VectorStoreIndex(...).as_query_engine(llm=
+            ...)` (see `cascade_rag.passages`; the prompt's token ids do not change). Only
+            active once the engine has passages.
         callback_manager: LlamaIndex callbacks (e.g. `TokenCountingHandler`).
         output_parser, pydantic_program_mode, rate_limiter: as for any LlamaIndex `LLM`.
 
@@ -103,8 +108,10 @@ class CascadeRAG(FunctionCallingLLM):
 
     Each response carries the request's token usage twice: `raw["usage"]` (the shape
     LlamaIndex's `TokenCountingHandler` reads) and the flat `additional_kwargs`, both with
-    `prompt_tokens`, `completion_tokens`, `total_tokens` and `cached_tokens` (prompt tokens
-    whose KV came from the engine's chunk cache). A stream carries them on its last response.
+    `prompt_tokens`, `completion_tokens`, `total_tokens`, `cached_tokens` (prompt tokens
+    whose KV came from the engine's chunk cache) and `recomputed_tokens` (with
+    `chunk_reuse="anywhere"`, tokens of reused chunks computed again in this prompt's context).
+    A stream carries them on its last response.
 
     Example:
         >>> from cascade_rag.llm import CascadeEngine
@@ -124,6 +131,9 @@ class CascadeRAG(FunctionCallingLLM):
     top_k: int = Field(default=0, ge=0, description="Top-k sampling, 0 for off.")
     seed: int | None = Field(default=None, description="Per-request sampling seed.")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
+    passage_chunks: bool = Field(
+        default=True, description="Compose registered passages found in prompts as chunks."
+    )
 
     _engine: CascadeEngine = PrivateAttr()
     _owns_engine: bool = PrivateAttr(default=False)
@@ -141,6 +151,7 @@ class CascadeRAG(FunctionCallingLLM):
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         system_prompt: str | None = None,
+        passage_chunks: bool = True,
         callback_manager: CallbackManager | None = None,
         output_parser: BaseOutputParser | None = None,
         pydantic_program_mode: PydanticProgramMode = PydanticProgramMode.DEFAULT,
@@ -178,6 +189,7 @@ class CascadeRAG(FunctionCallingLLM):
             top_k=top_k,
             seed=seed,
             stop=list(stop or []),
+            passage_chunks=passage_chunks,
             system_prompt=system_prompt,
             callback_manager=callback_manager or CallbackManager([]),
             output_parser=output_parser,
@@ -396,7 +408,7 @@ class CascadeRAG(FunctionCallingLLM):
         params = self._sampling(kwargs)
         turns = _engine_messages(messages)
         if not tool_kwargs.get("tools") and not any(_tools.is_tool_turn(m) for m in messages):
-            return turns, params, None
+            return self._engine_prompt(turns), params, None
         from dataclasses import replace
 
         from cascade_rag.openai_tools import prepare_chat
@@ -417,15 +429,24 @@ class CascadeRAG(FunctionCallingLLM):
             params = replace(params, constraint=plan.constraint)
         return plan.prompt, params, plan
 
-    def _completion_prompt(self, prompt: str, formatted: bool) -> str | list[dict[str, str]]:
+    def _completion_prompt(self, prompt: str, formatted: bool):
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         if formatted:
-            return prompt
+            return self._engine_prompt(prompt)
         messages = [{"role": "user", "content": prompt}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return messages
+        return self._engine_prompt(messages)
+
+    def _engine_prompt(self, prompt):
+        """The prompt with the engine's registered passages as chunks (a `PreparedPrompt`),
+        or the prompt itself (`passage_chunks` off, or no passages registered)."""
+        if not self.passage_chunks:
+            return prompt
+        from cascade_rag.passages import compose_prompt
+
+        return compose_prompt(self._engine, prompt)
 
 
 def _engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
@@ -457,6 +478,7 @@ def _usage(output: GenerationOutput) -> dict[str, int]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "cached_tokens": usage.cached_tokens,
+        "recomputed_tokens": usage.recomputed_tokens,
     }
 
 

@@ -1,0 +1,165 @@
+"""Decode steps on the GPU: wall time vs GPU kernel time, eager vs CUDA graphs, plain vs cascade.
+
+Workloads: 32 requests x 8K, 128 x 8K and 128 x 32K shared cached context tokens (one context
+chunk, cached once), a 32-token question each, greedy, end of sequence ignored; Llama-3.2-1B
+shape with random bf16 weights (bench/gpu_common.py). One engine (cascade on, max 3 levels);
+"plain" plans every step without shared levels (`min_shared_tokens` above any saving),
+"cascade" shares wherever it saves any read (`min_shared_tokens=0`). "graphs" replays decode
+steps from CUDA graphs (engine/cuda_graph.py, wired into the runner here as the model runner will
+be). Per workload and mode, after warm-up steps (graph captures included):
+
+- wall: milliseconds per `LLMEngine.step()` over 20 steps (the step ends with the sampled
+  tokens on the host, so host and GPU are in step),
+- GPU: the sum of CUDA kernel (and copy) times from torch.profiler over 8 steps, per step,
+- the ratio wall / GPU, the issue's target being <= 1.3 at batch >= 32.
+
+    python bench/bench_gpu_graphs.py   # writes $OUT/gpu_graphs.json
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from gpu_common import Timer, make_model_dir, write_json  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from cascade_rag.chunks import ChunkType  # noqa: E402
+from cascade_rag.engine.cuda_graph import make_decode_graphs  # noqa: E402
+from cascade_rag.engine.sequence import PreparedPrompt  # noqa: E402
+from cascade_rag.llm import CascadeEngine  # noqa: E402
+from cascade_rag.sampling import SamplingParams  # noqa: E402
+
+WORKLOADS = [(32, 8192), (128, 8192), (128, 32768)]
+MODES = [("plain", False), ("plain", True), ("cascade", False), ("cascade", True)]
+WARM, TIMED, PROFILED = 3, 20, 8
+QUESTION = 32
+MAX_TOKENS = len(MODES) * (WARM + TIMED + PROFILED) + 8
+
+
+def graph_run(runner, graphs, batch):
+    """What ModelRunner.run does with decode graphs wired in (the eager path otherwise)."""
+    with torch.inference_mode():
+        inputs = runner.prepare(batch)
+        meta = inputs.metadata
+        if graphs.can_run(meta, len(batch)):
+            logits = graphs.run(inputs.input_ids, inputs.positions, meta, inputs.last_rows)
+        else:
+            runner.attn.plan(meta)
+            hidden = runner.model(inputs.input_ids, inputs.positions, runner.pool.kv_caches,
+                                  runner.attn)  # fmt: skip
+            if inputs.last_rows is not None:
+                hidden = hidden[inputs.last_rows]
+            logits = runner.model.compute_logits(hidden)
+        if inputs.scatter is None:
+            return logits
+        out = torch.empty_like(logits)
+        out[inputs.scatter] = logits
+        return out
+
+
+def gpu_ms_per_step(core, steps: int) -> float:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            core.step()
+        torch.cuda.synchronize()
+    total_us = sum(
+        e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA
+    )
+    return total_us / 1000 / steps
+
+
+def main() -> None:
+    model_dir = make_model_dir("/tmp/cascade-rag-llama1b")
+    pages_per_request = -(-(QUESTION + MAX_TOKENS) // 16) + 1
+    engine = CascadeEngine(
+        str(model_dir), dtype="bfloat16", device="cuda", max_num_seqs=128,
+        kv_cache_tokens=8192 + 32768 + 128 * 16 * pages_per_request + 4096,
+        max_num_batched_tokens=40000, max_cascade_levels=3,
+    )  # fmt: skip
+    core = engine._core
+    runner = core.runner
+    eager_run = runner.run
+    graphs = make_decode_graphs(engine.config, runner)
+    assert graphs is not None, "no decode graphs on this machine"
+    vocab = engine.model_config.vocab_size
+    rng = random.Random(0)
+    contexts = {}
+    results = []
+    for batch, ctx in WORKLOADS:
+        if ctx not in contexts:
+            ids = [rng.randrange(10, vocab) for _ in range(ctx)]
+            contexts[ctx] = engine.register_token_chunk(ids, ChunkType.SYSTEM_PROMPT)
+        params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+        seqs = []
+        for _ in range(batch):
+            question = tuple(rng.randrange(10, vocab) for _ in range(QUESTION))
+            prompt = PreparedPrompt((contexts[ctx],), question)
+            seqs.append(core.add_request(prompt, params, MAX_TOKENS, False))
+        runner.run = eager_run
+        for _ in range(3):  # admission and prefill
+            core.step()
+        for name, use_graphs in MODES:
+            runner.min_shared_tokens = 0 if name == "cascade" else 1 << 50
+            if use_graphs:
+                runner.run = lambda b: graph_run(runner, graphs, b)
+            else:
+                runner.run = eager_run
+            for _ in range(WARM):
+                core.step()
+            replays = graphs.num_replays
+            with Timer() as t:
+                for _ in range(TIMED):
+                    core.step()
+            wall = t.seconds * 1000 / TIMED
+            replayed = graphs.num_replays - replays
+            gpu = gpu_ms_per_step(core, PROFILED)
+            row = dict(batch=batch, context=ctx, mode=name, graphs=use_graphs, wall_ms=wall,
+                       gpu_ms=gpu, ratio=wall / gpu, replayed_steps=replayed)  # fmt: skip
+            results.append(row)
+            print(
+                f"{batch} x {ctx} {name} graphs={use_graphs}: wall {wall:.2f} ms, "
+                f"GPU {gpu:.2f} ms, ratio {wall / gpu:.2f}, replayed {replayed}/{TIMED}"
+            )
+        if batch == 128 and ctx == 8192:  # where the host time of a graph step goes
+            runner.min_shared_tokens = 0
+            runner.run = lambda b: graph_run(runner, graphs, b)
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(10):
+                core.step()
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(16)
+            print("\ncascade + graphs, 128 x 8K, 10 steps, top functions by own time:")
+            print(text.getvalue()[-3500:])
+        for seq in seqs:
+            core.abort(seq)
+        runner.run = eager_run
+    write_json("gpu_graphs.json", dict(results=results, captures=graphs.num_captures))
+    engine.close()
+    print("\nLlama-3.2-1B shape, bf16, shared cached context, 32-token questions; per decode step")
+    print("| batch x context | mode | eager wall / GPU ms | graphs wall / GPU ms | graphs ratio |")
+    print("|---|---|---|---|---|")
+    by = {(r["batch"], r["context"], r["mode"], r["graphs"]): r for r in results}
+    for batch, ctx in WORKLOADS:
+        for name in ("plain", "cascade"):
+            e, g = by[(batch, ctx, name, False)], by[(batch, ctx, name, True)]
+            print(f"| {batch} x {ctx // 1024}K | {name} | {e['wall_ms']:.2f} / {e['gpu_ms']:.2f} "
+                  f"| {g['wall_ms']:.2f} / {g['gpu_ms']:.2f} | {g['ratio']:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
+    print(f"bench: {time.perf_counter() - start:.0f} s")

@@ -107,7 +107,8 @@ class PassageIndex:
 
     def find(self, text: str) -> list[tuple[int, int]]:
         """(start, end) character spans of kept passages in `text`: increasing, not
-        overlapping, longer matches first, the first occurrence of each passage only."""
+        overlapping, longer matches first; a passage that occurs again is returned once (its
+        first occurrence), and no shorter passage inside a repeat is returned."""
         n = MIN_PASSAGE_CHARS
         matches: list[tuple[int, int]] = []
         with self._lock:
@@ -116,13 +117,16 @@ class PassageIndex:
                 keys = heads.get(text[i : i + n])
                 if keys:
                     matches.extend((i, i + len(k)) for k in keys if text.startswith(k, i))
+        taken: list[tuple[int, int]] = []  # every occurrence kept, repeats included
         chosen: list[tuple[int, int]] = []
         seen: set[str] = set()
         for start, end in sorted(matches, key=lambda m: (m[0] - m[1], m[0])):
-            if text[start:end] in seen or any(s < end and start < e for s, e in chosen):
+            if any(s < end and start < e for s, e in taken):
                 continue
-            seen.add(text[start:end])
-            chosen.append((start, end))
+            taken.append((start, end))
+            if text[start:end] not in seen:  # a repeat stays text (nothing inside it is cut)
+                seen.add(text[start:end])
+                chosen.append((start, end))
         return sorted(chosen)
 
     def compose(self, prompt: str | Sequence[Mapping[str, str]]) -> tuple[PreparedPrompt, int]:

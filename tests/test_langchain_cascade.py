@@ -499,3 +499,98 @@ def test_with_structured_output_methods(engine):
     assert set(as_dict) <= {"name"}
     with pytest.raises(ValueError, match="method"):
         model.with_structured_output(Person, method="xml")
+
+
+# ---- embeddings and passages in flat prompts ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def passage_engine(default_model):
+    """An engine of its own: once it has passages, every prompt on it is composed with them."""
+    with CascadeEngine(default_model, kv_cache_tokens=8192, max_model_len=1024) as eng:
+        yield eng
+
+
+def test_embeddings_embed_and_register_documents(passage_engine):
+    import numpy as np
+    from langchain_cascade_rag import CascadeEmbeddings
+    from langchain_core.embeddings import Embeddings
+
+    from cascade_rag.passages import passage_index
+
+    hashing = WordHashEmbedder()
+    embeddings = CascadeEmbeddings(embedder=hashing, engine=passage_engine)
+    assert isinstance(embeddings, Embeddings)
+    texts = [text for text, _ in PASSAGES]
+    vectors = embeddings.embed_documents(texts)
+    np.testing.assert_allclose(vectors, hashing.embed(texts), rtol=1e-6)
+    index = passage_index(passage_engine)
+    assert len(index) == len(texts)
+    query = embeddings.embed_query("Where is Plum?")
+    np.testing.assert_allclose(query, hashing.embed(["Where is Plum?"])[0], rtol=1e-6)
+    assert len(index) == len(texts)  # queries are not passages
+    assert asyncio.run(embeddings.aembed_documents(texts[:1])) == vectors[:1]
+    # without an engine nothing is registered anywhere
+    assert (
+        CascadeEmbeddings(embedder=hashing).embed_documents(["x"]) == hashing.embed(["x"]).tolist()
+    )
+    with pytest.raises(TypeError, match="embeder"):
+        CascadeEmbeddings(embeder=hashing)
+    with pytest.raises(TypeError, match="CascadeEngine"):
+        CascadeEmbeddings(embedder=hashing, engine="not an engine")
+    with pytest.raises(ValueError, match="either embedder"):
+        CascadeEmbeddings(embedder=hashing, model="some/folder")
+    with pytest.raises(TypeError, match="embed"):
+        CascadeEmbeddings(embedder=object())
+
+
+def test_default_embeddings_are_the_bundled_model():
+    from langchain_cascade_rag import CascadeEmbeddings
+
+    vector = CascadeEmbeddings().embed_query("When does the night tram run?")
+    assert len(vector) == 384 and abs(sum(v * v for v in vector) - 1) < 1e-4
+
+
+def test_chat_and_completion_models_compose_registered_passages(passage_engine, monkeypatch):
+    """A prompt that stuffs registered documents is sent with each document as a chunk of
+    its own (same token ids as the flat prompt); passage_chunks=False sends it flat."""
+    from cascade_rag.engine.sequence import PreparedPrompt
+    from cascade_rag.passages import register_passages
+
+    register_passages(passage_engine, [text for text, _ in PASSAGES])
+    sent = []
+    generate = passage_engine.generate
+
+    def recording(prompts, sampling=None):
+        sent.append(prompts)
+        return generate(prompts, sampling)
+
+    monkeypatch.setattr(passage_engine, "generate", recording)
+
+    def ask(model, first: int, second: int):
+        context = f"{PASSAGES[first][0]}\n\n{PASSAGES[second][0]}"
+        system = f"Answer from the context.\n\n{context}"
+        return model.invoke([("system", system), ("human", "Where is Plum?")])
+
+    chat = ChatCascadeRAG(engine=passage_engine, max_tokens=4)
+    first = ask(chat, 0, 1)
+    prompt = sent[-1]
+    assert isinstance(prompt, PreparedPrompt)
+    passages = [c for c in prompt.chunks if c.text in {t for t, _ in PASSAGES}]
+    assert [c.text for c in passages] == [PASSAGES[0][0], PASSAGES[1][0]]
+    assert first.usage_metadata["input_tokens"] == len(prompt.token_ids)
+    assert first.response_metadata["recomputed_tokens"] == 0  # exact prefix reuse
+    # the same documents in the other order: the system turn's head is read from the cache
+    again = ask(chat, 1, 0)
+    assert again.usage_metadata["input_token_details"]["cache_read"] >= len(sent[-1].chunks[0])
+    flat = ask(ChatCascadeRAG(engine=passage_engine, max_tokens=4, passage_chunks=False), 0, 1)
+    assert isinstance(sent[-1], list) and flat.content == first.content
+    assert passage_engine.prepare(sent[-1]).token_ids == prompt.token_ids
+    # the completion model sends plain text, composed the same way
+    llm = CascadeRAGLLM(engine=passage_engine, max_tokens=4)
+    text = f"Context:\n{PASSAGES[2][0]}\n\nQuestion: When does the Quill freeze?\nAnswer:"
+    result = llm.generate([text])
+    assert isinstance(sent[-1], list) and isinstance(sent[-1][0], PreparedPrompt)
+    assert [c.text for c in sent[-1][0].chunks][-1] == PASSAGES[2][0]
+    usage = result.generations[0][0].generation_info["token_usage"]
+    assert usage["recomputed_tokens"] == 0 and result.llm_output["token_usage"] == usage

@@ -403,3 +403,86 @@ def test_structured_predict_and_structured_llm(engine):
     structured = llm.as_structured_llm(Song)
     reply = structured.chat([ChatMessage(role="user", content="Invent a song about snow.")])
     assert isinstance(Song.model_validate_json(reply.message.content), Song)
+
+
+# ---- embedding model and passages in flat prompts ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def passage_engine(default_model):
+    """An engine of its own: once it has passages, every prompt on it is composed with them."""
+    with CascadeEngine(default_model, kv_cache_tokens=16384) as eng:
+        yield eng
+
+
+def test_embedding_is_a_llamaindex_embedding_that_registers_documents(passage_engine):
+    import numpy as np
+    from llama_index.core.base.embeddings.base import BaseEmbedding
+    from llama_index.llms.cascade_rag import CascadeEmbedding
+
+    from cascade_rag.passages import passage_index
+    from cascade_rag.testing import WordHashEmbedder
+
+    hashing = WordHashEmbedder()
+    embed_model = CascadeEmbedding(hashing, engine=passage_engine, embed_batch_size=2)
+    assert isinstance(embed_model, BaseEmbedding) and embed_model.engine is passage_engine
+    assert embed_model.model_name == hashing.name
+    texts = list(DOCS.values())
+    vectors = embed_model.get_text_embedding_batch(texts)  # in batches of 2
+    np.testing.assert_allclose(vectors, hashing.embed(texts), rtol=1e-6)
+    index = passage_index(passage_engine)
+    assert len(index) == len(texts)
+    embed_model.get_query_embedding("Where is Plum?")
+    assert len(index) == len(texts)  # queries are not passages
+    assert asyncio.run(embed_model.aget_text_embedding_batch(texts[:1])) == vectors[:1]
+    np.testing.assert_allclose(
+        asyncio.run(embed_model.aget_query_embedding("Plum")), hashing.embed(["Plum"])[0], rtol=1e-6
+    )
+    with pytest.raises(TypeError, match="embeder"):
+        CascadeEmbedding(hashing, embeder=hashing)
+    with pytest.raises(TypeError, match="CascadeEngine"):
+        CascadeEmbedding(hashing, engine="not an engine")
+    with pytest.raises(ValueError, match="either embedder"):
+        CascadeEmbedding(hashing, model="some/folder")
+
+
+def test_stock_query_engine_finds_node_bodies_under_other_metadata(passage_engine, monkeypatch):
+    """Nodes whose LLM metadata differ from their embedded metadata: the embedded text is not
+    in the prompt, its body is, and becomes the chunk; the metadata lines stay text."""
+    from llama_index.core import Document, VectorStoreIndex
+    from llama_index.llms.cascade_rag import CascadeEmbedding
+
+    from cascade_rag.passages import PassageIndex
+    from cascade_rag.testing import WordHashEmbedder
+
+    documents = [
+        Document(
+            text=text,
+            metadata={"file_path": name, "topic": "Zorbia"},
+            excluded_llm_metadata_keys=["topic"],  # embedded with it, shown to the LLM without
+        )
+        for name, text in DOCS.items()
+    ]
+    embed_model = CascadeEmbedding(WordHashEmbedder(), engine=passage_engine)
+    index = VectorStoreIndex.from_documents(documents, embed_model=embed_model)
+    composed = []
+    compose = PassageIndex.compose
+
+    def recording(self, prompt):
+        result = compose(self, prompt)
+        composed.append(result)
+        return result
+
+    monkeypatch.setattr(PassageIndex, "compose", recording)
+    llm = CascadeRAG(passage_engine, max_tokens=4)
+    answer = index.as_query_engine(llm=llm, similarity_top_k=2).query("Where is the night tram?")
+    (prepared, found), *_ = composed
+    passages = [c for c in prepared.chunks if c.type is ChunkType.RAG_RESULT]
+    assert found == 2 == len(answer.source_nodes)
+    assert {c.text for c in passages} == {n.node.text for n in answer.source_nodes}
+    lines = [passage_engine.tokenizer.decode(c.token_ids) for c in prepared.chunks]
+    assert any("file_path: " in line for line in lines)  # shown, but not part of a passage
+    assert not any("file_path" in c.text for c in passages)
+    # passage_chunks=False sends the chat messages as they are
+    flat = CascadeRAG(passage_engine, max_tokens=4, passage_chunks=False)
+    assert isinstance(flat._chat_request(capital_messages("Be brief."), {})[0], list)

@@ -13,17 +13,19 @@ be). Per workload and mode, after warm-up steps (graph captures included):
 - GPU: the sum of CUDA kernel (and copy) times from torch.profiler over 8 steps, per step,
 - the ratio wall / GPU, the issue's target being <= 1.3 at batch >= 32.
 
+At 128 x 8K it also prints, for graph-replayed steps, where the host time of a step goes (host
+clocks around the step's parts; "sample" includes waiting for the GPU) and the GPU kernels by
+time per step.
+
     python bench/bench_gpu_graphs.py   # writes $OUT/gpu_graphs.json
 """
 
 from __future__ import annotations
 
-import cProfile
-import io
-import pstats
 import random
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,7 +46,8 @@ WORKLOADS = [(32, 8192), (128, 8192), (128, 32768)]
 MODES = [("plain", False), ("plain", True), ("cascade", False), ("cascade", True)]
 WARM, TIMED, PROFILED = 3, 20, 8
 QUESTION = 32
-MAX_TOKENS = len(MODES) * (WARM + TIMED + PROFILED) + 8
+BREAKDOWN = 10
+MAX_TOKENS = len(MODES) * (WARM + TIMED + PROFILED) + 2 * (BREAKDOWN + PROFILED + 2) + 8
 
 
 def graph_run(runner, graphs, batch):
@@ -77,6 +80,79 @@ def gpu_ms_per_step(core, steps: int) -> float:
         e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA
     )
     return total_us / 1000 / steps
+
+
+def _wrap(owner, attr: str, label: str, acc: dict):
+    """Time every call of owner.attr into acc[label]; returns the undo."""
+    is_class = isinstance(owner, type)
+    original = owner.__dict__.get(attr) if is_class else getattr(owner, attr)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            acc[label] += time.perf_counter() - start
+
+    had_own = attr in vars(owner)
+    setattr(owner, attr, timed)
+    if is_class:
+        return lambda: setattr(owner, attr, original)
+    return (lambda: setattr(owner, attr, original)) if had_own else (lambda: delattr(owner, attr))
+
+
+def host_breakdown(core, graphs, steps: int) -> None:
+    import flashinfer
+
+    from cascade_rag.attention.flashinfer_graph import DecodeGraphAttention
+    from cascade_rag.engine.cuda_graph import CudaGraph
+
+    acc = defaultdict(float)
+    parts = [
+        (core.scheduler, "schedule", "schedule"),
+        (core.runner, "prepare", "runner.prepare (step inputs, metadata)"),
+        (graphs, "can_run", "graphs.can_run (padded layout)"),
+        (DecodeGraphAttention, "plan", "DecodeGraphAttention.plan"),
+        (flashinfer.BatchDecodeWithPagedKVCacheWrapper, "plan", "  of which FlashInfer decode"),
+        (flashinfer.BatchPrefillWithPagedKVCacheWrapper, "plan", "  of which FlashInfer shared"),
+        (DecodeGraphAttention, "set_slots", "DecodeGraphAttention.set_slots"),
+        (graphs, "_set_inputs", "graphs._set_inputs"),
+        (CudaGraph, "replay", "graph launch"),
+        (core, "_sample", "engine._sample (waits for the GPU)"),
+        (core.scheduler, "finish_step", "scheduler.finish_step"),
+    ]
+    undo = [_wrap(owner, attr, label, acc) for owner, attr, label in parts]
+    shared_plans = sum(a.num_shared_plans for a in graphs._attention.values())
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        core.step()
+    total = time.perf_counter() - start
+    for u in reversed(undo):
+        u()
+    shared_plans = sum(a.num_shared_plans for a in graphs._attention.values()) - shared_plans
+    top = sum(v for k, v in acc.items() if not k.startswith(" "))
+    print(f"host breakdown, ms per step ({steps} steps; shared-level plans made: {shared_plans})")
+    for _, _, label in parts:
+        print(f"  {label:45s} {acc[label] * 1000 / steps:7.3f}")
+    print(f"  {'rest of LLMEngine.step':45s} {(total - top) * 1000 / steps:7.3f}")
+    print(f"  {'step':45s} {total * 1000 / steps:7.3f}")
+
+
+def top_kernels(core, steps: int, k: int = 14) -> None:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            core.step()
+        torch.cuda.synchronize()
+    by_name = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            by_name[e.name][0] += e.time_range.elapsed_us()
+            by_name[e.name][1] += 1
+    total = sum(v[0] for v in by_name.values()) / steps
+    print(f"GPU kernels, us per step (total {total:.0f} us):")
+    for name, (us, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:k]:
+        print(f"  {us / steps:8.1f} us  {calls / steps:5.1f}x  {name[:100]}")
 
 
 def main() -> None:
@@ -131,18 +207,15 @@ def main() -> None:
                 f"{batch} x {ctx} {name} graphs={use_graphs}: wall {wall:.2f} ms, "
                 f"GPU {gpu:.2f} ms, ratio {wall / gpu:.2f}, replayed {replayed}/{TIMED}"
             )
-        if batch == 128 and ctx == 8192:  # where the host time of a graph step goes
-            runner.min_shared_tokens = 0
+        if batch == 128 and ctx == 8192:  # where a graph step's time goes
             runner.run = lambda b: graph_run(runner, graphs, b)
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(10):
-                core.step()
-            prof.disable()
-            text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(16)
-            print("\ncascade + graphs, 128 x 8K, 10 steps, top functions by own time:")
-            print(text.getvalue()[-3500:])
+            for name in ("plain", "cascade"):
+                runner.min_shared_tokens = 0 if name == "cascade" else 1 << 50
+                for _ in range(2):
+                    core.step()
+                print(f"\n{name} + graphs, {batch} x {ctx}:")
+                host_breakdown(core, graphs, BREAKDOWN)
+                top_kernels(core, PROFILED)
         for seq in seqs:
             core.abort(seq)
         runner.run = eager_run

@@ -202,6 +202,8 @@ class DecodeGraphAttention:
         self.slots = torch.full((b,), self.scratch_slot, **i32)  # [batch_size] where K/V go
         self._scratch_from = 0  # slots[i] is the scratch slot for every i >= this
         self.num_shared = 0  # shared levels `forward` runs (fixed within a captured graph)
+        self.num_plans = 0  # steps planned
+        self.num_shared_plans = 0  # shared-level wrapper plans (reused plans not counted)
 
     @property
     def max_shared_levels(self) -> int:
@@ -310,6 +312,7 @@ class DecodeGraphAttention:
                 if done[1] == plan.source[1]:
                     continue  # planned for this very level and rows already
             self._planned[j] = plan.source
+            self.num_shared_plans += 1
             level.wrapper.plan(
                 torch.from_numpy(plan.qo_indptr),
                 torch.from_numpy(plan.kv_indptr),
@@ -324,6 +327,7 @@ class DecodeGraphAttention:
             )
             level.mask.copy_(torch.from_numpy(plan.mask), non_blocking=True)
         self.num_shared = len(layout.shared)
+        self.num_plans += 1
 
     def plan_dummy(self, num_shared: int) -> None:
         """Plan a step in which every row is padding (for capturing: all reads and writes go

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import torch
 
-from cascade_rag.testing import byte_bpe_tokenizer, save_random_llama
+from cascade_rag.testing import (
+    PEAKED_MECHANISM_FILE,
+    byte_bpe_tokenizer,
+    save_peaked_llama,
+    save_random_llama,
+)
 
 LLAMA_1B_SHAPE = dict(
     hidden_size=2048,
@@ -36,6 +41,20 @@ def make_model_dir(path: str | Path, vocab_size: int = 128256) -> Path:
     if not (path / "config.json").exists():
         tokenizer = byte_bpe_tokenizer(4096, padded_vocab_size=vocab_size)
         save_random_llama(path, tokenizer=tokenizer, device="cuda", **LLAMA_1B_SHAPE)
+    return path
+
+
+def make_peaked_model_dir(path: str | Path, vocab_size: int = 128256) -> Path:
+    """Random Llama-3.2-1B-shaped model whose greedy tokens lead by a wide margin at every step
+    (`cascade_rag.testing.save_peaked_llama`), so that comparing the tokens of two systems
+    tests them rather than bf16 rounding at near ties. Same shape and speed as
+    `make_model_dir` except an untied LM head (the mechanism needs its own); measure the lead
+    with `cascade_rag.testing.greedy_margins`."""
+    path = Path(path)
+    if not (path / PEAKED_MECHANISM_FILE).exists():
+        tokenizer = byte_bpe_tokenizer(4096, padded_vocab_size=vocab_size)
+        shape = dict(LLAMA_1B_SHAPE, tie_word_embeddings=False)
+        save_peaked_llama(path, tokenizer=tokenizer, device="cuda", **shape)
     return path
 
 

@@ -5,6 +5,7 @@
     cascade-rag chat [--index PATH | --docs FOLDER] [-k 3] [--max-tokens N] [--history-turns N]
     cascade-rag demo
     cascade-rag serve [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    cascade-rag calibrate [--json] [--device cuda:N]
     cascade-rag --version
 
 Every command that loads the LLM takes --device (cpu, cuda, cuda:N) and --dtype (auto,
@@ -13,7 +14,8 @@ bundled Larkhaven documents. `ask` and `chat` print the answer as it is generate
 sources and token counts. `chat` sends the conversation's latest turns with each question
 (oldest dropped first to fit the context) and reads stdin line by line with line editing on
 a terminal; a line it cannot use (not valid text, a question that fails) prints one error
-line and the chat goes on.
+line and the chat goes on. `calibrate` times cascade against plain decode attention on the GPU
+and stores when a shared level pays there (see `cascade_rag.attention.calibration`).
 
 Only argument parsing and printing live here; the work is done by `cascade_rag.retrieval`
 and `cascade_rag.rag`. A caller's mistake (a missing folder, an empty index...) prints one
@@ -242,6 +244,39 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 # ---- shared pieces -------------------------------------------------------------------------
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from cascade_rag.attention import calibration
+
+    def progress(t) -> None:
+        print(
+            f"batch {t.batch:>4}  shared {t.shared_tokens:>6}  saved "
+            f"{t.saved_bytes / 1e6:>8.1f} MB  plain {t.plain_ms:.3f} ms  cascade "
+            f"{t.cascade_ms:.3f} ms  "
+            f"{t.plain_ms / t.cascade_ms:.2f}x",
+            flush=True,
+        )
+
+    try:
+        result = calibration.measure(args.device, progress=None if args.json else progress)
+    except calibration.CalibrationError as exc:
+        _print_error(exc)
+        return EXIT_ERROR
+    path = calibration.save_calibration(result)
+    key = calibration.store_key(result.device_name, result.flashinfer_version)
+    if args.json:
+        print(json.dumps(dict(result.to_json(), store=str(path), key=key), indent=2))
+        return 0
+    where = "" if result.bracketed else " (outside the grid: a bound, not a break-even)"
+    print(
+        f"{result.device_name}, flashinfer {result.flashinfer_version}: a shared level pays "
+        f"above {result.level_overhead_bytes / 1e6:.0f} MB of KV reads saved per layer and "
+        f"step{where}; stored in {path} as {key!r}"
+    )
+    return 0
 
 
 @contextlib.contextmanager
@@ -572,6 +607,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--access-log", action="store_true", help="log one line per request")
     p.set_defaults(run=_serve)
+
+    p = commands.add_parser(
+        "calibrate",
+        help="time cascade vs plain decode attention on this GPU (FlashInfer) and store when "
+        "a shared level pays ($CASCADE_RAG_CALIBRATION or CACHE/calibration.json)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--device", type=_device, default="cuda", help="the GPU: cuda or cuda:N")
+    p.set_defaults(run=_calibrate)
     return parser
 
 

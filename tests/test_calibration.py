@@ -228,3 +228,33 @@ def test_cli_calibrate_stores_and_prints(capsys, monkeypatch, tmp_path):
     assert main(["calibrate", "--device", "cuda:1"]) == 0
     out = capsys.readouterr().out
     assert out.count("batch ") == len(fake.timings) and "a shared level pays above" in out
+
+
+@pytest.mark.parametrize("batch, shared, unique", [(2, 32, 5), (5, 64, 16), (7, 16, 33)])
+def test_measured_step_plans_as_asked_and_both_plans_attend_alike(batch, shared, unique):
+    """The workload `measure` times, on the PyTorch backend: the cascade plan reads the prefix
+    once in a shared level, and gives the same attention as the plain plan."""
+    import torch
+
+    from cascade_rag.attention.torch_backend import TorchAttention
+
+    page = 16
+    plain, cascade = calibration.decode_step_metadata(batch, shared, unique, page, "cpu")
+    assert len(plain.levels) == 1 and len(cascade.levels) == 2
+    shared_level, last = cascade.levels
+    assert shared_level.num_entries == 1 and not shared_level.causal and last.causal
+    assert shared_level.kv_lens(page).tolist() == [shared]
+    assert last.kv_lens(page).tolist() == [unique] * batch
+    assert plain.levels[0].kv_lens(page).tolist() == [shared + unique] * batch
+    g = torch.Generator().manual_seed(0)
+    num_pages = shared // page + batch * -(-unique // page)
+    k_cache = torch.randn(num_pages, page, 2, 8, generator=g)
+    v_cache = torch.randn(num_pages, page, 2, 8, generator=g)
+    q, k, v = (torch.randn(batch, h, 8, generator=g) for h in (4, 2, 2))
+    outs = []
+    for metadata in (plain, cascade):
+        attn = TorchAttention(4, 2, 8)
+        attn.plan(metadata)
+        outs.append(attn.forward(q, k, v, k_cache.clone(), v_cache.clone()))
+    err = (outs[0] - outs[1]).abs()
+    assert err.max() < 1e-5, f"max {err.max():.2e} mean {err.mean():.2e}"

@@ -278,6 +278,44 @@ def level_overhead_bytes(
 # ---- measuring -------------------------------------------------------------------------------
 
 
+def decode_step_metadata(batch: int, shared: int, unique_tokens: int, page_size: int, device):
+    """Plain and 2-level cascade `AttentionMetadata` of the measured decode step.
+
+    `batch` requests whose page tables start with the same `shared // page_size` pages (pages
+    0..) and go on with `ceil(unique_tokens / page_size)` pages of their own; each adds one
+    token, the last of its own ones. Needs `shared % page_size == 0` and batch >= 2.
+
+    Returns:
+        (plain, cascade): one causal level; a shared level over the prefix plus the causal one.
+    """
+    from cascade_rag.attention.metadata import AttentionMetadata
+    from cascade_rag.engine.cascade_plan import SeqView, plan_levels
+
+    own_pages = -(-unique_tokens // page_size)
+    shared_pages = list(range(shared // page_size))
+    views = []
+    for i in range(batch):
+        first = len(shared_pages) + i * own_pages
+        own = list(range(first, first + own_pages))
+        views.append(SeqView(shared_pages + own, shared + unique_tokens, 1))
+    # the new token's slot: the last of each request's own tokens
+    slots = [view.page_table[-1] * page_size + (unique_tokens - 1) % page_size for view in views]
+    slot_mapping = _int64(slots, device)
+    empty = _int64([], device)
+    out = []
+    for levels in (1, 2):
+        plan = plan_levels(views, page_size, levels, min_shared_tokens=0)
+        assert len(plan) == levels, "the grid point must plan as asked"
+        out.append(AttentionMetadata(page_size, slot_mapping, empty, empty, plan))
+    return out[0], out[1]
+
+
+def _int64(values: list[int], device):
+    import torch
+
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
 def measure(
     device=None,
     *,
@@ -326,8 +364,6 @@ def measure(
             "pip install 'cascade-rag[gpu]'"
         ) from exc
     from cascade_rag.attention.flashinfer_backend import FlashInferAttention
-    from cascade_rag.attention.metadata import AttentionMetadata
-    from cascade_rag.engine.cascade_plan import SeqView, plan_levels
 
     device = torch.device(device if device is not None else "cuda")
     if device.index is None:
@@ -336,7 +372,7 @@ def measure(
     dtype = torch.bfloat16
     kv_bytes_per_token = 2 * kv * hd * torch.finfo(dtype).bits // 8
     backend = FlashInferAttention(qo, kv, hd, page, dtype, device, max_levels=2)
-    max_pages = max(shared_tokens) // page + max(batches) * -(-unique_tokens // page) + 1
+    max_pages = max(shared_tokens) // page + max(batches) * -(-unique_tokens // page)
     k_cache = torch.randn(max_pages, page, kv, hd, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
 
@@ -359,32 +395,16 @@ def measure(
     with torch.cuda.device(device):
         for batch in batches:
             for shared in shared_tokens:
-                shared_pages = list(range(shared // page))
-                next_page = len(shared_pages)
-                views = []
-                for _ in range(batch):
-                    own = list(range(next_page, next_page + -(-unique_tokens // page)))
-                    next_page += len(own)
-                    views.append(SeqView(shared_pages + own, shared + unique_tokens, 1))
-                # the new token's slot: the last one of each request's own tokens
-                slots = [view.page_table[-1] * page + (unique_tokens - 1) % page for view in views]
-                slot_mapping = torch.tensor(slots, device=device)
-                empty = torch.zeros(0, dtype=torch.int64, device=device)
+                plain, cascade = decode_step_metadata(batch, shared, unique_tokens, page, device)
                 q = torch.randn(batch, qo, hd, device=device, dtype=dtype)
                 k = torch.randn(batch, kv, hd, device=device, dtype=dtype)
                 v = torch.randn_like(k)
-                ms = {}
-                for levels in (1, 2):
-                    plan = plan_levels(views, page, levels, min_shared_tokens=0)
-                    assert len(plan) == levels, "the grid point must plan as asked"
-                    metadata = AttentionMetadata(page, slot_mapping, empty, empty, plan)
-                    ms[levels] = time_ms(metadata, q, k, v)
                 timing = Timing(
                     batch=batch,
                     shared_tokens=shared,
                     saved_bytes=float((batch - 1) * shared * kv_bytes_per_token),
-                    plain_ms=ms[1],
-                    cascade_ms=ms[2],
+                    plain_ms=time_ms(plain, q, k, v),
+                    cascade_ms=time_ms(cascade, q, k, v),
                 )
                 timings.append(timing)
                 if progress is not None:

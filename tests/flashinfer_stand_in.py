@@ -107,9 +107,10 @@ class BatchDecodeWithPagedKVCacheWrapper(_PagedWrapper):
         self._indices = self._store("indices", indices, self._bufs[1])
         self._last = self._store("last_page_len", last_page_len, self._bufs[2])
         self._batch, self._page_size = batch, page_size
+        self.split = not kwargs.get("disable_split_kv", False)
         self.num_plans += 1
 
-    def run(self, q, paged_kv_cache, return_lse=False):
+    def run(self, q, paged_kv_cache, out=None, lse=None, return_lse=False):
         if q.shape[0] != self._batch:
             raise ValueError(f"q has {q.shape[0]} rows, plan {self._batch}")
         outs, lses = [], []
@@ -118,8 +119,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_PagedWrapper):
             o, s = _attend(q[i : i + 1], keys, values, causal=False)
             outs.append(o)
             lses.append(s)
-        out = torch.cat(outs).to(q.dtype)
-        return (out, torch.cat(lses)) if return_lse else out
+        return _results(torch.cat(outs).to(q.dtype), torch.cat(lses), out, lse, return_lse)
 
 
 class BatchPrefillWithPagedKVCacheWrapper(_PagedWrapper):
@@ -168,20 +168,30 @@ class BatchPrefillWithPagedKVCacheWrapper(_PagedWrapper):
         self._rows = rows
         self.num_plans += 1
 
-    def run(self, q, paged_kv_cache, return_lse=False):
+    def run(self, q, paged_kv_cache, out=None, lse=None, return_lse=False):
         if not self._graph and q.shape[0] != self._rows:
             raise ValueError(f"q has {q.shape[0]} rows, qo_indptr {self._rows}")
         m, hq, d = q.shape
-        out = torch.full((m, hq, d), float("nan"))
-        lse = torch.full((m, hq), float("nan"))
+        o = torch.full((m, hq, d), float("nan"))
+        s = torch.full((m, hq), float("nan"))
         for i in range(self._batch):
             lo, hi = int(self._qo[i]), int(self._qo[i + 1])
             if hi == lo:
                 continue
             keys, values = self._pages(paged_kv_cache, self._indptr, self._indices, self._last, i)
-            out[lo:hi], lse[lo:hi] = _attend(q[lo:hi], keys, values, self._causal)
-        out = out.to(q.dtype)
-        return (out, lse) if return_lse else out
+            o[lo:hi], s[lo:hi] = _attend(q[lo:hi], keys, values, self._causal)
+        return _results(o.to(q.dtype), s, out, lse, return_lse)
+
+
+def _results(o, s, out, lse, return_lse):
+    """A wrapper's results, written into the caller's `out` / `lse` buffers if given."""
+    if out is not None:
+        assert out.shape == o.shape and out.dtype == o.dtype
+        o = out.copy_(o)
+    if lse is not None:
+        assert lse.shape == s.shape and lse.dtype == torch.float32
+        s = lse.copy_(s)
+    return (o, s) if return_lse else o
 
 
 def merge_state_in_place(v, s, v_other, s_other, mask=None):

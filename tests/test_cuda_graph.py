@@ -41,12 +41,13 @@ def graph_attention(monkeypatch):
         sys.modules[name] = saved
 
 
-def _decode_step(rng: random.Random, n: int, page_size: int, num_pages: int):
+def _decode_step(rng: random.Random, n: int, page_size: int, num_pages: int, long=False):
     """n decode sequences: most share a prefix, groups share a middle part, subgroups one
     more part, some share nothing; own lengths that do not fill pages. Page 0 is left for
-    the scratch page."""
+    the scratch page. `long`: a shared prefix of over 2048 tokens."""
     free = iter(rng.sample(range(1, num_pages), num_pages - 1))
-    shared = [next(free) for _ in range(rng.randint(1, 4))]
+    num_shared = -(-2100 // page_size) if long else rng.randint(1, 4)
+    shared = [next(free) for _ in range(num_shared)]
     middles = [[next(free) for _ in range(rng.randint(0, 3))] for _ in range(3)]
     subs = [[next(free) for _ in range(rng.randint(0, 2))] for _ in range(6)]  # within middles
     views, slots = [], []
@@ -105,7 +106,7 @@ def test_graph_attention_matches_torch_backend(graph_attention, page_size):
     levels, one attention object per bucket planned again and again (buffers of a larger
     step must not leak into a smaller one), vs the PyTorch backend on the unpadded rows."""
     rng = random.Random(page_size)
-    num_pages = 1200
+    num_pages = 2400
     scratch = 0
     attns = {
         b: graph_attention.DecodeGraphAttention(
@@ -120,14 +121,15 @@ def test_graph_attention_matches_torch_backend(graph_attention, page_size):
             num_pages,
             scratch,
             torch.empty(0),
-            max_pages_per_seq=64,
+            max_pages_per_seq=2200,
         )  # fmt: skip
         for b in (8, 48)
     }
     steps = [(5, 1), (8, 2), (37, 4), (48, 3), (33, 2), (41, 1), (6, 4), (3, 3), (44, 4)]
-    seen_shared = set()
-    for step, (n, max_levels) in enumerate(steps):
-        views, slots = _decode_step(rng, n, page_size, num_pages)
+    steps += [(6, 1, True), (7, 2, True), (40, 1, True)]  # > 2048 keys: split unless shared
+    seen_shared, seen_split = set(), set()
+    for step, (n, max_levels, *long) in enumerate(steps):
+        views, slots = _decode_step(rng, n, page_size, num_pages, long=bool(long))
         meta = _metadata(views, slots, page_size, max_levels)
         seen_shared.add(len(meta.levels) - 1)
         attn = attns[8 if n <= 8 else 48]
@@ -137,6 +139,8 @@ def test_graph_attention_matches_torch_backend(graph_attention, page_size):
         attn.plan(layout)
         attn.set_slots(meta.slot_mapping, n)
         assert attn.num_shared == len(meta.levels) - 1
+        assert layout.split == attn.split == (bool(long) and max_levels == 1)
+        seen_split.add(layout.split)
         g = torch.Generator().manual_seed(step)
         q = torch.randn(b, HQ, D, generator=g)
         k = torch.randn(b, HK, D, generator=g)
@@ -154,7 +158,7 @@ def test_graph_attention_matches_torch_backend(graph_attention, page_size):
         assert torch.equal(k_cache[1:], k_ref[1:]) and torch.equal(v_cache[1:], v_ref[1:])
         if n < b:
             assert torch.equal(k_cache[scratch, 0, :, :], k[b - 1])
-    assert seen_shared == {0, 1, 2, 3}
+    assert seen_shared == {0, 1, 2, 3} and seen_split == {True, False}
 
 
 def test_steps_that_do_not_fit_are_refused(graph_attention):

@@ -7,7 +7,10 @@ of `batch_size` rows; a step of n <= batch_size sequences (one query row each) i
 
 - Last level: FlashInfer's paged decode wrapper created with `use_cuda_graph=True` over fixed
   `kv_indptr` / `kv_indices` / `kv_last_page_len` buffers. Padded rows read one slot of a
-  scratch page that no request owns.
+  scratch page that no request owns. A graph-mode plan always splits the keys across CTAs and
+  merges the parts (one more kernel per layer); where every row's last level is short (cascade:
+  only a request's own tokens, at most `_WHOLE_KV_TOKENS`) a second wrapper over the same
+  buffers runs without splitting (`DecodeLayout.split`, part of a captured graph's shape).
 - Shared levels: paged prefill wrappers (not causal, docs/design.md rule 5) over a fixed number
   of entries, `shared_entry_capacity(batch_size, group_size)`: the step's entries (runs of
   entries without keys merged into one), then entries without rows; the padded rows [n,
@@ -43,6 +46,9 @@ from cascade_rag.attention.metadata import AttentionMetadata, CascadeLevel
 # (total rows - entries + 1) rows of `group_size` query heads each; above this many packed rows
 # it takes the 128-row tile, so a long shared entry over many rows is read by few tiles.
 _LARGE_TILE_ROWS = 64
+
+# Longest last-level entry (keys) read by one CTA per row and KV head, without split-KV.
+_WHOLE_KV_TOKENS = 2048
 
 
 def shared_entry_capacity(batch_size: int, group_size: int) -> int:
@@ -87,12 +93,15 @@ class DecodeLayout:
     kv_indices: torch.Tensor  # last level's page ids, without the padded rows' pages
     kv_last_page_len: np.ndarray  # [batch_size] int32
     shared: list[_SharedPlan]
+    split: bool = True  # split the last level's keys across CTAs (long entries)
 
 
 @dataclass
 class _SharedLevel:
     wrapper: object
     mask: torch.Tensor  # [batch_size] bool on the device
+    out: torch.Tensor  # [batch_size, num_qo_heads, head_dim]: the level's result (static)
+    lse: torch.Tensor  # [batch_size, num_qo_heads] float32
 
 
 class DecodeGraphAttention:
@@ -164,15 +173,22 @@ class DecodeGraphAttention:
         self._decode_indptr = torch.zeros(b + 1, **i32)
         self._decode_indices = torch.zeros(self.max_indices, **i32)
         self._decode_last_len = torch.zeros(b, **i32)
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace,
-            "NHD",
-            use_cuda_graph=True,
-            use_tensor_cores=group >= 4,  # as the eager backend
-            paged_kv_indptr_buffer=self._decode_indptr,
-            paged_kv_indices_buffer=self._decode_indices,
-            paged_kv_last_page_len_buffer=self._decode_last_len,
-        )
+        # split: True / False -> the wrapper planned with / without split-KV (same buffers)
+        self._decode = {
+            split: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace,
+                "NHD",
+                use_cuda_graph=True,
+                use_tensor_cores=group >= 4,  # as the eager backend
+                paged_kv_indptr_buffer=self._decode_indptr,
+                paged_kv_indices_buffer=self._decode_indices,
+                paged_kv_last_page_len_buffer=self._decode_last_len,
+            )
+            for split in (True, False)
+        }
+        # outputs in static buffers: no allocation (or zero fill) inside a graph
+        self._out = torch.empty(b, num_qo_heads, head_dim, dtype=dtype, device=self.device)
+        self._lse = torch.empty(b, num_qo_heads, dtype=torch.float32, device=self.device)
         e = self.max_shared_entries
         self._shared: list[_SharedLevel] = []
         for _ in range(max_shared_levels):
@@ -187,7 +203,8 @@ class DecodeGraphAttention:
                 backend=shared_backend,
             )
             mask = torch.zeros(b, dtype=torch.bool, device=self.device)
-            self._shared.append(_SharedLevel(wrapper, mask))
+            out, lse = torch.empty_like(self._out), torch.empty_like(self._lse)
+            self._shared.append(_SharedLevel(wrapper, mask, out, lse))
         # A shared level that comes back as the same object (the model runner reuses its
         # levels while the batch's sharing does not change) with the same rows is neither
         # padded nor planned again: its wrapper still holds that plan.
@@ -202,6 +219,7 @@ class DecodeGraphAttention:
         self.slots = torch.full((b,), self.scratch_slot, **i32)  # [batch_size] where K/V go
         self._scratch_from = 0  # slots[i] is the scratch slot for every i >= this
         self.num_shared = 0  # shared levels `forward` runs (fixed within a captured graph)
+        self.split = True  # whether the last level runs split (fixed within a captured graph)
         self.num_plans = 0  # steps planned
         self.num_shared_plans = 0  # shared-level wrapper plans (reused plans not counted)
 
@@ -233,7 +251,9 @@ class DecodeGraphAttention:
         if int(indptr[-1]) + pad > self.max_indices:
             return None
         kv_indptr = np.concatenate([indptr, indptr[-1] + np.arange(1, pad + 1)])
-        last_len = np.concatenate([_host(last.kv_last_page_len), np.ones(pad, np.int64)])
+        real_last_len = _host(last.kv_last_page_len)
+        last_len = np.concatenate([real_last_len, np.ones(pad, np.int64)])
+        longest = int(((indptr[1:] - indptr[:-1] - 1) * self.page_size + real_last_len).max())
         shared = []
         for j, level in enumerate(levels[:-1]):
             plan = self._padded[j]
@@ -244,7 +264,12 @@ class DecodeGraphAttention:
                 self._padded[j] = plan
             shared.append(plan)
         return DecodeLayout(
-            n, kv_indptr.astype(np.int32), last.kv_indices, last_len.astype(np.int32), shared
+            n,
+            kv_indptr.astype(np.int32),
+            last.kv_indices,
+            last_len.astype(np.int32),
+            shared,
+            split=longest > _WHOLE_KV_TOKENS,
         )
 
     def _shared_layout(self, level: CascadeLevel, n: int) -> _SharedPlan | None:
@@ -293,7 +318,7 @@ class DecodeGraphAttention:
             self.set_slots(metadata.slot_mapping, metadata.num_tokens)
         common = dict(pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype)
         pad = self.batch_size - layout.num_rows
-        self._decode.plan(
+        self._decode[layout.split].plan(
             torch.from_numpy(layout.kv_indptr),
             layout.kv_indices,  # host or device: the plan copies them into the buffer
             torch.from_numpy(layout.kv_last_page_len),
@@ -301,8 +326,10 @@ class DecodeGraphAttention:
             self.num_kv_heads,
             self.head_dim,
             self.page_size,
+            disable_split_kv=not layout.split,
             **common,
         )
+        self.split = layout.split
         if pad:  # the padded rows' scratch pages follow the real page lists
             start = int(layout.kv_indptr[layout.num_rows])
             self._decode_indices[start : start + pad].fill_(self.scratch_page)
@@ -329,9 +356,10 @@ class DecodeGraphAttention:
         self.num_shared = len(layout.shared)
         self.num_plans += 1
 
-    def plan_dummy(self, num_shared: int) -> None:
+    def plan_dummy(self, num_shared: int, split: bool = True) -> None:
         """Plan a step in which every row is padding (for capturing: all reads and writes go
-        to the scratch page), with `num_shared` shared levels."""
+        to the scratch page), with `num_shared` shared levels and a split or whole last
+        level."""
         b, e = self.batch_size, self.max_shared_entries
         scratch = torch.full((b,), self.scratch_page, dtype=torch.int64)
         ones = np.ones(b, np.int32)
@@ -344,7 +372,7 @@ class DecodeGraphAttention:
             lens = np.zeros(e, np.int32)
             lens[0] = 1
             shared.append(_SharedPlan(qo, kv, scratch[:1], lens, np.zeros(b, bool)))
-        layout = DecodeLayout(b, np.arange(b + 1, dtype=np.int32), scratch, ones, shared)
+        layout = DecodeLayout(b, np.arange(b + 1, dtype=np.int32), scratch, ones, shared, split)
         self.plan(layout)
         self.set_slots(None, 0)
 
@@ -378,10 +406,13 @@ class DecodeGraphAttention:
             self._append_indptr,
             self._append_last_len,
         )
+        decode = self._decode[self.split]
         if not self.num_shared:
-            return self._decode.run(q, kv_cache)
-        out, lse = self._decode.run(q, kv_cache, return_lse=True)
+            return decode.run(q, kv_cache, out=self._out)
+        out, lse = decode.run(q, kv_cache, out=self._out, lse=self._lse, return_lse=True)
         for level in self._shared[: self.num_shared]:
-            out_l, lse_l = level.wrapper.run(q, kv_cache, return_lse=True)
+            out_l, lse_l = level.wrapper.run(
+                q, kv_cache, out=level.out, lse=level.lse, return_lse=True
+            )
             flashinfer.merge_state_in_place(out, lse, out_l, lse_l, mask=level.mask)
         return out

@@ -61,11 +61,12 @@ def graph_run(runner, graphs, batch):
 # ---- attention alone -------------------------------------------------------------------
 
 
-def _decode_step(rng: random.Random, n: int, page_size: int, num_pages: int):
-    """n decode sequences sharing a prefix, group middles and subgroup parts (some nothing),
-    own lengths up to ~12 pages that do not fill pages; page 0 is the scratch page."""
+def _decode_step(rng: random.Random, n: int, page_size: int, num_pages: int, long=False):
+    """n decode sequences sharing a prefix (`long`: over 2048 tokens), group middles and
+    subgroup parts (some nothing), own lengths up to ~12 pages that do not fill pages; page 0
+    is the scratch page."""
     free = iter(rng.sample(range(1, num_pages), num_pages - 1))
-    shared = [next(free) for _ in range(rng.randint(4, 40))]
+    shared = [next(free) for _ in range(rng.randint(140, 160) if long else rng.randint(4, 40))]
     middles = [[next(free) for _ in range(rng.randint(0, 6))] for _ in range(3)]
     subs = [[next(free) for _ in range(rng.randint(0, 3))] for _ in range(6)]
     views, slots = [], []
@@ -109,9 +110,9 @@ def test_graph_attention_replays_like_the_eager_backend():
     v = torch.zeros_like(k)
     outs, graphs = {}, {}
     pool = torch.cuda.graph_pool_handle()
-    for num_shared in range(4):
-        attn.plan_dummy(num_shared)
-        out = outs[num_shared] = torch.zeros(b, hq, d, device=DEV, dtype=torch.bfloat16)
+    for key in [(num_shared, split) for num_shared in range(4) for split in (True, False)]:
+        attn.plan_dummy(*key)
+        out = outs[key] = torch.zeros(b, hq, d, device=DEV, dtype=torch.bfloat16)
 
         def forward(out=out):
             out.copy_(attn.forward(q, k, v, k_cache, v_cache))
@@ -121,28 +122,29 @@ def test_graph_attention_replays_like_the_eager_backend():
         with torch.cuda.stream(stream):
             forward()
         torch.cuda.current_stream().wait_stream(stream)
-        graphs[num_shared] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graphs[num_shared], pool=pool):
+        graphs[key] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[key], pool=pool):
             forward()
     eager = FlashInferAttention(hq, hk, d, ps, torch.bfloat16, DEV, max_levels=4)
     rng = random.Random(0)
     steps = [(37, 1), (48, 2), (5, 3), (41, 4), (37, 4), (20, 2), (48, 4), (1, 1)]
+    steps += [(37, 1, True), (5, 1, True), (44, 3, True)]  # long: split unless shared
     seen = set()
-    for step, (n, max_levels) in enumerate(steps):
-        views, slots = _decode_step(rng, n, ps, num_pages)
+    for step, (n, max_levels, *long) in enumerate(steps):
+        views, slots = _decode_step(rng, n, ps, num_pages, long=bool(long))
         meta = _metadata(views, slots, ps, max_levels, indices_on_device=step % 2 == 1)
-        num_shared = len(meta.levels) - 1
-        seen.add(num_shared)
         layout = attn.layout(meta)
         assert layout is not None, f"step {step} does not fit"
+        key = (len(meta.levels) - 1, layout.split)
+        seen.add(key)
         q.normal_()
         k.normal_()
         v.normal_()
         k_before, v_before = k_cache.clone(), v_cache.clone()
         attn.plan(layout)
         attn.set_slots(meta.slot_mapping, n)
-        graphs[num_shared].replay()
-        got = outs[num_shared][:n].float()
+        graphs[key].replay()
+        got = outs[key][:n].float()
         k_graph = k_cache.clone()
         k_cache.copy_(k_before)
         v_cache.copy_(v_before)
@@ -159,7 +161,7 @@ def test_graph_attention_replays_like_the_eager_backend():
         k_graph[0], k_cache[0] = 0, 0  # the scratch page
         assert torch.equal(k_graph, k_cache), f"step {step}: K written elsewhere than eagerly"
         torch.cuda.synchronize()  # plans write pinned buffers: the last replay has used them
-    assert seen == {0, 1, 2, 3}
+    assert {k[0] for k in seen} == {0, 1, 2, 3} and (0, True) in seen and (0, False) in seen
 
 
 def test_flashinfer_rows_without_keys():
@@ -236,7 +238,7 @@ def test_decode_graph_replay_equals_eager(llama_dir, levels):
         graphs = make_decode_graphs(engine.config, runner)
         assert graphs is not None
         if levels == 1:
-            assert graphs.num_captures == len(graphs.buckets) == 8
+            assert graphs.num_captures == 2 * len(graphs.buckets) == 16  # split and whole
         hf = None
         if levels == 3:
             hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).to(DEV)

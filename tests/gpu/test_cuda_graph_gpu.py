@@ -162,6 +162,27 @@ def test_graph_attention_replays_like_the_eager_backend():
         assert torch.equal(k_graph, k_cache), f"step {step}: K written elsewhere than eagerly"
         torch.cuda.synchronize()  # plans write pinned buffers: the last replay has used them
     assert {k[0] for k in seen} == {0, 1, 2, 3} and (0, True) in seen and (0, False) in seen
+    # the two last-level variants on one short cascade step (either is correct there): time
+    views, slots = _decode_step(rng, 48, ps, num_pages)
+    meta = _metadata(views, slots, ps, 3, indices_on_device=True)
+    layout = attn.layout(meta)
+    assert not layout.split
+    times = {}
+    for split in (True, False):
+        layout.split = split
+        attn.plan(layout)
+        attn.set_slots(meta.slot_mapping, 48)
+        graph = graphs[(len(layout.shared), split)]
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times[split] = start.elapsed_time(end) / 50 * 1000
+    print(f"attention of one layer, 48 rows, {len(layout.shared)} shared levels: "
+          f"split {times[True]:.1f} us, whole {times[False]:.1f} us")  # fmt: skip
 
 
 def test_flashinfer_rows_without_keys():

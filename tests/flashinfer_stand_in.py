@@ -107,7 +107,6 @@ class BatchDecodeWithPagedKVCacheWrapper(_PagedWrapper):
         self._indices = self._store("indices", indices, self._bufs[1])
         self._last = self._store("last_page_len", last_page_len, self._bufs[2])
         self._batch, self._page_size = batch, page_size
-        self.split = not kwargs.get("disable_split_kv", False)
         self.num_plans += 1
 
     def run(self, q, paged_kv_cache, out=None, lse=None, return_lse=False):

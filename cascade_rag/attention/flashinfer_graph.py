@@ -7,10 +7,9 @@ of `batch_size` rows; a step of n <= batch_size sequences (one query row each) i
 
 - Last level: FlashInfer's paged decode wrapper created with `use_cuda_graph=True` over fixed
   `kv_indptr` / `kv_indices` / `kv_last_page_len` buffers. Padded rows read one slot of a
-  scratch page that no request owns. A graph-mode plan always splits the keys across CTAs and
-  merges the parts (one more kernel per layer); where every row's last level is short (cascade:
-  only a request's own tokens, at most `_WHOLE_KV_TOKENS`) a second wrapper over the same
-  buffers runs without splitting (`DecodeLayout.split`, part of a captured graph's shape).
+  scratch page that no request owns. (A graph-mode plan always splits the keys across CTAs
+  and merges the parts; a second wrapper without split-KV for short last levels measured 50.7
+  vs 47.9 us per layer at 48 rows with 2 shared levels on the H200, not worth a graph key.)
 - Shared levels: paged prefill wrappers (not causal, docs/design.md rule 5) over a fixed number
   of entries, `shared_entry_capacity(batch_size, group_size)`: the step's entries (runs of
   entries without keys merged into one), then entries without rows; the padded rows [n,
@@ -46,9 +45,6 @@ from cascade_rag.attention.metadata import AttentionMetadata, CascadeLevel
 # (total rows - entries + 1) rows of `group_size` query heads each; above this many packed rows
 # it takes the 128-row tile, so a long shared entry over many rows is read by few tiles.
 _LARGE_TILE_ROWS = 64
-
-# Longest last-level entry (keys) read by one CTA per row and KV head, without split-KV.
-_WHOLE_KV_TOKENS = 2048
 
 
 def shared_entry_capacity(batch_size: int, group_size: int) -> int:
@@ -93,7 +89,6 @@ class DecodeLayout:
     kv_indices: torch.Tensor  # last level's page ids, without the padded rows' pages
     kv_last_page_len: np.ndarray  # [batch_size] int32
     shared: list[_SharedPlan]
-    split: bool = True  # split the last level's keys across CTAs (long entries)
 
 
 @dataclass
@@ -173,19 +168,15 @@ class DecodeGraphAttention:
         self._decode_indptr = torch.zeros(b + 1, **i32)
         self._decode_indices = torch.zeros(self.max_indices, **i32)
         self._decode_last_len = torch.zeros(b, **i32)
-        # split: True / False -> the wrapper planned with / without split-KV (same buffers)
-        self._decode = {
-            split: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                workspace,
-                "NHD",
-                use_cuda_graph=True,
-                use_tensor_cores=group >= 4,  # as the eager backend
-                paged_kv_indptr_buffer=self._decode_indptr,
-                paged_kv_indices_buffer=self._decode_indices,
-                paged_kv_last_page_len_buffer=self._decode_last_len,
-            )
-            for split in (True, False)
-        }
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace,
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=group >= 4,  # as the eager backend
+            paged_kv_indptr_buffer=self._decode_indptr,
+            paged_kv_indices_buffer=self._decode_indices,
+            paged_kv_last_page_len_buffer=self._decode_last_len,
+        )
         # outputs in static buffers: no allocation (or zero fill) inside a graph
         self._out = torch.empty(b, num_qo_heads, head_dim, dtype=dtype, device=self.device)
         self._lse = torch.empty(b, num_qo_heads, dtype=torch.float32, device=self.device)
@@ -219,7 +210,6 @@ class DecodeGraphAttention:
         self.slots = torch.full((b,), self.scratch_slot, **i32)  # [batch_size] where K/V go
         self._scratch_from = 0  # slots[i] is the scratch slot for every i >= this
         self.num_shared = 0  # shared levels `forward` runs (fixed within a captured graph)
-        self.split = True  # whether the last level runs split (fixed within a captured graph)
         self.num_plans = 0  # steps planned
         self.num_shared_plans = 0  # shared-level wrapper plans (reused plans not counted)
 
@@ -251,9 +241,7 @@ class DecodeGraphAttention:
         if int(indptr[-1]) + pad > self.max_indices:
             return None
         kv_indptr = np.concatenate([indptr, indptr[-1] + np.arange(1, pad + 1)])
-        real_last_len = _host(last.kv_last_page_len)
-        last_len = np.concatenate([real_last_len, np.ones(pad, np.int64)])
-        longest = int(((indptr[1:] - indptr[:-1] - 1) * self.page_size + real_last_len).max())
+        last_len = np.concatenate([_host(last.kv_last_page_len), np.ones(pad, np.int64)])
         shared = []
         for j, level in enumerate(levels[:-1]):
             plan = self._padded[j]
@@ -264,12 +252,7 @@ class DecodeGraphAttention:
                 self._padded[j] = plan
             shared.append(plan)
         return DecodeLayout(
-            n,
-            kv_indptr.astype(np.int32),
-            last.kv_indices,
-            last_len.astype(np.int32),
-            shared,
-            split=longest > _WHOLE_KV_TOKENS,
+            n, kv_indptr.astype(np.int32), last.kv_indices, last_len.astype(np.int32), shared
         )
 
     def _shared_layout(self, level: CascadeLevel, n: int) -> _SharedPlan | None:
@@ -318,7 +301,7 @@ class DecodeGraphAttention:
             self.set_slots(metadata.slot_mapping, metadata.num_tokens)
         common = dict(pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype)
         pad = self.batch_size - layout.num_rows
-        self._decode[layout.split].plan(
+        self._decode.plan(
             torch.from_numpy(layout.kv_indptr),
             layout.kv_indices,  # host or device: the plan copies them into the buffer
             torch.from_numpy(layout.kv_last_page_len),
@@ -326,10 +309,8 @@ class DecodeGraphAttention:
             self.num_kv_heads,
             self.head_dim,
             self.page_size,
-            disable_split_kv=not layout.split,
             **common,
         )
-        self.split = layout.split
         if pad:  # the padded rows' scratch pages follow the real page lists
             start = int(layout.kv_indptr[layout.num_rows])
             self._decode_indices[start : start + pad].fill_(self.scratch_page)
@@ -356,10 +337,9 @@ class DecodeGraphAttention:
         self.num_shared = len(layout.shared)
         self.num_plans += 1
 
-    def plan_dummy(self, num_shared: int, split: bool = True) -> None:
+    def plan_dummy(self, num_shared: int) -> None:
         """Plan a step in which every row is padding (for capturing: all reads and writes go
-        to the scratch page), with `num_shared` shared levels and a split or whole last
-        level."""
+        to the scratch page), with `num_shared` shared levels."""
         b, e = self.batch_size, self.max_shared_entries
         scratch = torch.full((b,), self.scratch_page, dtype=torch.int64)
         ones = np.ones(b, np.int32)
@@ -372,7 +352,7 @@ class DecodeGraphAttention:
             lens = np.zeros(e, np.int32)
             lens[0] = 1
             shared.append(_SharedPlan(qo, kv, scratch[:1], lens, np.zeros(b, bool)))
-        layout = DecodeLayout(b, np.arange(b + 1, dtype=np.int32), scratch, ones, shared, split)
+        layout = DecodeLayout(b, np.arange(b + 1, dtype=np.int32), scratch, ones, shared)
         self.plan(layout)
         self.set_slots(None, 0)
 
@@ -406,10 +386,9 @@ class DecodeGraphAttention:
             self._append_indptr,
             self._append_last_len,
         )
-        decode = self._decode[self.split]
         if not self.num_shared:
-            return decode.run(q, kv_cache, out=self._out)
-        out, lse = decode.run(q, kv_cache, out=self._out, lse=self._lse, return_lse=True)
+            return self._decode.run(q, kv_cache, out=self._out)
+        out, lse = self._decode.run(q, kv_cache, out=self._out, lse=self._lse, return_lse=True)
         for level in self._shared[: self.num_shared]:
             out_l, lse_l = level.wrapper.run(
                 q, kv_cache, out=level.out, lse=level.lse, return_lse=True

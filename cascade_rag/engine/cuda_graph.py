@@ -3,8 +3,7 @@
 A decode step on the GPU is hundreds of small kernels whose launches cost the host more time
 than the kernels take. `DecodeGraphRunner` captures the whole forward pass of a decode step
 (embedding, every layer, final norm, LM head) once per batch bucket (1, 2, 4, 8, 16, 24, 32, 48,
-64, 96, 128, ... up to the largest decode batch), number of shared cascade levels and whether
-the last level's keys are split across CTAs (long entries) or not (short ones), and
+64, 96, 128, ... up to the largest decode batch) and number of shared cascade levels, and
 replays it: per step the host only plans attention (`DecodeGraphAttention.plan`, FlashInfer's
 planners writing fixed buffers), copies the step's token ids, positions and slots into static
 buffers and launches one graph. A step of n sequences runs the bucket of the next size up; the
@@ -128,7 +127,7 @@ class DecodeGraphRunner:
             self._logits = torch.zeros(b, model.config.vocab_size, device=self.device)
         self._staged: torch.cuda.Event | None = None
         self._attention: dict[int, object] = {}
-        self._graphs: dict[tuple[int, int, bool], object] = {}  # (rows, shared levels, split)
+        self._graphs: dict[tuple[int, int], object] = {}  # (rows, shared levels)
         self._pending: tuple[AttentionMetadata, int, object] | None = None
         self.num_replays = 0
         self.num_captures = 0
@@ -184,7 +183,7 @@ class DecodeGraphRunner:
         self._pending = None
         n = metadata.num_tokens
         attn = self._attention[size]
-        key = (size, len(layout.shared), layout.split)
+        key = (size, len(layout.shared))
         if key not in self._graphs:
             self._capture(*key)
         attn.plan(layout)
@@ -223,9 +222,9 @@ class DecodeGraphRunner:
         return attn
 
     @torch.inference_mode()
-    def _capture(self, size: int, num_shared: int, split: bool) -> None:
+    def _capture(self, size: int, num_shared: int) -> None:
         attn = self._bucket_attention(size)
-        attn.plan_dummy(num_shared, split)  # every row reads and writes the scratch page
+        attn.plan_dummy(num_shared)  # every row reads and writes the scratch page
         ids, positions = self._inputs[0, :size], self._inputs[1, :size]
         logits = self._logits[:size]
         kv_caches = self.pool.kv_caches
@@ -236,21 +235,16 @@ class DecodeGraphRunner:
 
         graph = self._graph_factory(self._mempool)
         graph.capture(forward)
-        self._graphs[(size, num_shared, split)] = graph
+        self._graphs[(size, num_shared)] = graph
         self.num_captures += 1
-        logger.debug(
-            "captured the decode graph of %d rows, %d shared levels, split=%s",
-            size, num_shared, split,
-        )  # fmt: skip
+        logger.debug("captured the decode graph of %d rows, %d shared levels", size, num_shared)
 
     def capture_all(self) -> None:
-        """Capture every bucket, number of shared levels and split choice now, largest
-        first."""
+        """Capture every bucket and number of shared levels now, largest first."""
         for size in reversed(self.buckets):
             for num_shared in range(self.max_shared_levels + 1):
-                for split in (True, False):
-                    if (size, num_shared, split) not in self._graphs:
-                        self._capture(size, num_shared, split)
+                if (size, num_shared) not in self._graphs:
+                    self._capture(size, num_shared)
 
 
 def _is_identity(rows, n: int) -> bool:

@@ -7,8 +7,13 @@ that precede every query of the entry, at the same page indices in every sequenc
 per sequence, the keys over all levels are exactly [0, kv_len) once each; max_levels=1 is plain
 paged attention; sequences that share a page are grouped.
 
+The block-table planner (`plan_layout`, cached across decode steps by `BatchLayout`) gives
+exactly `plan_levels`' levels on random scheduler traces with admissions, finishes, preemptions
+and page growth, with min_shared_tokens on and off and max_levels 1..4.
+
 Numerics: `TorchAttention` over the planned levels (and over max_levels=1) against a float64
-dense causal reference per sequence, on a NaN-filled cache so any read of an unwritten slot shows.
+dense causal reference per sequence, on a NaN-filled cache so any read of an unwritten slot shows;
+the engine-step check runs the block-table path the engine runs.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import random
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cascade_rag.attention.metadata import AttentionMetadata, CascadeLevel
@@ -263,6 +268,7 @@ class SchedulerBatches:
         self.kv = ChunkKVCache(self.pool, self.registry)
         self.sched = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens=4096)
         self.page_size = page_size
+        self.block_table = self.sched.block_table
 
     def prompts(self, lengths: list[int], n: int, seed: int) -> list[PreparedPrompt]:
         rng = random.Random(seed)
@@ -305,12 +311,90 @@ def test_scheduler_batches_plan_valid_levels(page_size, seed):
     prompts = driver.prompts(lengths, n=12, seed=seed)
     grouped = 0
     for batch in driver.steps(prompts, max_tokens=4, arrivals_per_step=3):
-        views = [SeqView(e.page_table, e.kv_len, e.qo_len) for e in batch]
+        views = [SeqView(e.seq.page_table(page_size), e.kv_len, e.qo_len) for e in batch]
         for max_levels in (1, 2, 4):
             check_all(views, page_size, max_levels)
         levels = plan_levels([views[i] for i in order_for_sharing(views, page_size)], page_size, 4)
         grouped += sum(1 for _, _, pages, _ in entries(levels[0]) if pages)
     assert grouped > 0, "the workload shares pages"
+
+
+# ---- the block-table planner against plan_levels ------------------------------------------
+
+
+def level_fields(levels: list[CascadeLevel]) -> list[tuple]:
+    return [
+        (
+            lv.causal,
+            lv.qo_indptr.tolist(),
+            lv.kv_indptr.tolist(),
+            lv.kv_indices.tolist(),
+            lv.kv_last_page_len.tolist(),
+        )
+        for lv in levels
+    ]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([1, 2, 3, 16]),
+    st.integers(1, 4),
+    st.sampled_from([0, 0, 4, 64]),
+    st.integers(0, 2**16),
+)
+def test_cached_layout_gives_the_levels_of_plan_levels(page_size, max_levels, min_shared, seed):
+    """Random traces: arrivals, finishes at random lengths, a pool small enough to preempt and
+    evict; each step's levels from the block table equal plan_levels' over the page tables."""
+    rng = random.Random(seed)
+    driver = SchedulerBatches(page_size, num_pages=rng.randint(60, 400) // page_size + 12)
+    fast = ModelRunner(None, driver.pool, None, max_levels, min_shared, driver.block_table)
+    sched = driver.sched
+    prompts = driver.prompts([13, 5, 16, 2, 21, 9, 33], n=16, seed=seed)
+    pending = list(prompts)
+    num_steps = replans = preempted = 0
+    while (pending or sched.has_work()) and num_steps < 300:
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            if pending:
+                params = SamplingParams(max_tokens=rng.randint(1, 12))
+                sched.add(Sequence(prompt=pending.pop(), params=params))
+        plan = sched.schedule()
+        preempted += len(plan.preempted)
+        num_steps += 1
+        for seq, _ in plan.failed:  # outgrew the small pool
+            assert seq.block_row == -1 and not seq.nodes
+        if not plan.scheduled:
+            if sched.waiting and not sched.running:
+                sched.waiting.popleft()
+            continue
+        before = fast.batch_layout.num_replans
+        order, metadata = fast.build_metadata(plan.scheduled)
+        replans += fast.batch_layout.num_replans - before
+        views = [
+            SeqView(
+                e.seq.page_table(page_size),
+                e.kv_len,
+                e.qo_len,
+                tuple(n.node_id for n in e.seq.nodes),
+            )
+            for e in plan.scheduled
+        ]
+        want_order = (
+            order_for_sharing(views, page_size) if max_levels > 1 else list(range(len(views)))
+        )
+        assert order == want_order
+        want = plan_levels(
+            [views[i] for i in order], page_size, max_levels, min_shared_tokens=min_shared
+        )
+        assert level_fields(metadata.levels) == level_fields(want), f"step {num_steps}"
+        sched.finish_step(plan, failed=False)
+        for e in plan.scheduled:
+            e.seq.token_ids.append(rng.randrange(1000))
+            if e.seq.num_generated >= e.seq.max_tokens:
+                sched.release(e.seq)
+    event(f"preempted: {preempted > 0}")
+    event(f"evicted: {driver.kv.evicted_nodes > 0}")
+    event(f"shared levels: {max_levels > 1 and fast.num_cascade_steps > 0}")
+    assert replans < num_steps or num_steps < 4, "decode steps reuse the cached structure"
 
 
 # ---- numerics -------------------------------------------------------------------------------
@@ -399,7 +483,7 @@ def run_engine_steps(
     of position p is a fixed random vector picked by the hash of the tokens [0, p]."""
     driver = SchedulerBatches(page_size, num_pages=2000 // page_size + 64)
     attn = TorchAttention(NUM_KV_HEADS * GROUP, NUM_KV_HEADS, HEAD_DIM)
-    runner = ModelRunner(None, driver.pool, attn, max_levels)
+    runner = ModelRunner(None, driver.pool, attn, max_levels, block_table=driver.block_table)
     runner.min_shared_tokens = 0  # share every page that can be shared
     k_cache, v_cache = driver.pool.kv_caches[0]
     k_cache.fill_(float("nan"))

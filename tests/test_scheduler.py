@@ -1,9 +1,11 @@
 """The scheduler driven by a fake model step: page tables, slots and boundary copies are exact.
 
 `FakeEngine` replays what the model runner and the attention backend do with a step, on a
-fake cache (a dict slot -> value): it lays the batch out with the real `ModelRunner.build_metadata`,
-writes, for every new position, a marker of that position's KV at its slot, applies the boundary
-copies, and then reads every scheduled sequence's positions [0, kv_len) through its page table.
+fake cache (a dict slot -> value): it lays the batch out with the real `ModelRunner.build_metadata`
+(the block-table path, checked against the slow reference path on every step: same order, slots,
+copies and levels), writes, for every new position, a marker of that position's KV at its slot,
+applies the boundary copies, and then reads every scheduled sequence's positions [0, kv_len)
+through its block-table row (which must equal the page table rebuilt from its nodes).
 The marker of position p is (p, hash of the token ids [0, p]): in a real model the KV at p depends
 on every token up to p, so a read that finds another sequence's slot is only accepted where that
 sequence has the same whole prefix (exact reuse, docs/design.md rule 2). Freed pages are wiped, so a
@@ -21,10 +23,13 @@ import random
 from collections.abc import Sequence as Seq
 
 import pytest
+import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from cascade_rag.attention.metadata import AttentionMetadata
 from cascade_rag.chunks import Chunk, ChunkRegistry
+from cascade_rag.engine.batch_layout import StepInputs
 from cascade_rag.engine.kv_cache import ChunkKVCache, PagePool
 from cascade_rag.engine.model_runner import ModelRunner
 from cascade_rag.engine.scheduler import Scheduler, StepPlan
@@ -90,13 +95,18 @@ class FakeEngine:
         levels: int = 3,
         copy_mode: str = "ordered",
         registry: ChunkRegistry | None = None,
+        min_shared_tokens: int = 0,
     ) -> None:
         self.fake: dict[int, tuple[int, int]] = {}
         self.registry = registry or ChunkRegistry(NAMESPACE)
         self.pool = TrackingPool(num_pages, page_size, self.fake)
         self.kv = ChunkKVCache(self.pool, self.registry)
         self.sched = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(None, self.pool, None, levels)  # only build_metadata
+        # only the step inputs: the block-table path, and the slow reference path
+        self.runner = ModelRunner(
+            None, self.pool, None, levels, min_shared_tokens, block_table=self.sched.block_table
+        )
+        self.ref_runner = ModelRunner(None, self.pool, None, levels, min_shared_tokens)
         self.page_size = page_size
         self.copy_mode = copy_mode
         self.marker = Markers()
@@ -158,7 +168,9 @@ class FakeEngine:
 
     def forward(self, plan: StepPlan) -> None:
         """Write markers at the slots, apply the copies, read every sequence back."""
-        order, metadata = self.runner.build_metadata(plan.scheduled)
+        inputs = self.runner.prepare(plan.scheduled)
+        assert_same_inputs(inputs, self.ref_runner.prepare(plan.scheduled))
+        order, metadata = inputs.order.tolist(), inputs.metadata
         assert sorted(order) == list(range(len(plan.scheduled)))
         slot_mapping = metadata.slot_mapping.tolist()
         src, dst = metadata.copy_src.tolist(), metadata.copy_dst.tolist()
@@ -188,11 +200,16 @@ class FakeEngine:
 
     def check_reads(self, entry) -> None:
         seq, size = entry.seq, self.page_size
-        table = entry.page_table
-        assert table == seq.page_table(size)
+        bt = self.sched.block_table
+        assert entry.row == seq.block_row >= 0
+        table = bt.pages(entry.row)
+        assert table == seq.page_table(size), "the block-table row is the sequence's page table"
+        assert bt.kv_len[entry.row] == entry.kv_len
+        assert bt.chain_end[entry.row] == seq.chain_end
         assert len(table) == -(-entry.kv_len // size), "one page per page index, no more"
         assert len(set(table)) == len(table)
-        assert len(entry.slots) == entry.qo_len >= 1
+        assert entry.qo_len >= 1
+        assert entry.slots is None or len(entry.slots) == entry.qo_len
         for pos in range(entry.kv_len):
             page = table[pos // size]
             slot = page * size + pos % size
@@ -249,6 +266,9 @@ class FakeEngine:
             f"{len(owned)} node + {len(private)} private + {len(free)} free pages != "
             f"{self.pool.num_pages}: pages leaked"
         )
+        rows = [s.block_row for s in self.sched.running]
+        assert all(r >= 0 for r in rows) and len(set(rows)) == len(rows), "one row each"
+        assert self.sched.block_table.num_used == len(rows), "block-table rows leaked"
         pins: dict[int, int] = {}
         for s in self.sched.running:
             assert s.status is SequenceStatus.RUNNING
@@ -263,6 +283,33 @@ class FakeEngine:
             refs[n.chunk.id] = refs.get(n.chunk.id, 0) + 1
         for chunk_id, count in refs.items():
             assert self.registry.refcount(chunk_id) == count
+
+
+def assert_same_inputs(got: StepInputs, want: StepInputs) -> None:
+    """The block-table path's step inputs equal the reference path's (None = the identity)."""
+    n = len(want.order)
+    assert got.order.tolist() == want.order.tolist(), "batch order"
+    assert got.input_ids.tolist() == want.input_ids.tolist(), "input ids"
+    assert got.positions.tolist() == want.positions.tolist(), "positions"
+    last = [got.last_rows, want.last_rows]
+    rows = [list(range(n)) if x is None else x.tolist() for x in last]
+    assert rows[0] == rows[1], "rows that give the logits"
+    scatter = [list(range(n)) if x is None else x.tolist() for x in (got.scatter, want.scatter)]
+    assert scatter[0] == scatter[1], "logits back in batch order"
+    assert_same_metadata(got.metadata, want.metadata)
+
+
+def assert_same_metadata(got: AttentionMetadata, want: AttentionMetadata) -> None:
+    """Field by field: the block-table path's metadata equals the reference path's."""
+    for name in ("slot_mapping", "copy_src", "copy_dst"):
+        assert getattr(got, name).tolist() == getattr(want, name).tolist(), name
+    assert len(got.levels) == len(want.levels), "number of levels"
+    for i, (a, b) in enumerate(zip(got.levels, want.levels)):
+        assert a.causal == b.causal, f"level {i}: causal"
+        for name in ("qo_indptr", "kv_indptr", "kv_indices", "kv_last_page_len"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype == torch.int64, f"level {i}: {name} dtype"
+            assert x.tolist() == y.tolist(), f"level {i}: {name}"
 
 
 # ---- workloads ----------------------------------------------------------------------------
@@ -521,6 +568,7 @@ def workloads(draw):
         max_num_seqs=draw(st.integers(1, 6)),
         max_num_batched_tokens=draw(st.integers(1, 64)),
         levels=draw(st.integers(1, 4)),
+        min_shared_tokens=draw(st.sampled_from([0, 0, 1, 8, 40])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -545,6 +593,7 @@ def test_random_workloads_keep_page_tables_exact(w):
         max_num_batched_tokens=w["max_num_batched_tokens"],
         levels=w["levels"],
         registry=registry,
+        min_shared_tokens=w["min_shared_tokens"],
     )
     seqs = []
     for t in range(max(arrivals) + 1):

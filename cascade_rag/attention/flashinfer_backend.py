@@ -53,6 +53,14 @@ def _int32(x: torch.Tensor, device) -> torch.Tensor:
     return x.to(device=device, dtype=torch.int32)
 
 
+def _host_int32(x: torch.Tensor, pin: bool) -> torch.Tensor:
+    """A host index tensor as int32, pinned when `pin` (the planners read it on the host and
+    copy it to the device non-blocking). The model runner's host tensors are CPU tensors, so
+    this does not wait for the device; a device tensor (a hand-made metadata) is read back."""
+    out = torch.empty(x.shape, dtype=torch.int32, pin_memory=pin)
+    return out.copy_(x)
+
+
 class FlashInferAttention:
     """FlashInfer backend (see the module docstring).
 
@@ -88,6 +96,7 @@ class FlashInferAttention:
         self.page_size = page_size
         self.dtype = dtype
         self.device = torch.device(device)
+        self._pin = self.device.type == "cuda"  # host tensors handed to the planners
         kv_bytes_per_token = 2 * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
         self.min_shared_tokens = int(LEVEL_OVERHEAD_BYTES / kv_bytes_per_token)
         self._workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
@@ -102,6 +111,8 @@ class FlashInferAttention:
         self._runs: list[_LevelRun] = []  # last level first
         self._metadata: AttentionMetadata | None = None
         self._k_shift: tuple[torch.Tensor, torch.Tensor] | None = None
+        # wrapper index of a shared level -> (the level planned into it, its run)
+        self._planned_shared: dict[int, tuple[CascadeLevel, _LevelRun | None]] = {}
 
     def _shared_wrapper(self):
         return flashinfer.BatchPrefillWithPagedKVCacheWrapper(
@@ -123,17 +134,32 @@ class FlashInferAttention:
     # ---- once per step -----------------------------------------------------------------
 
     def plan(self, metadata: AttentionMetadata) -> None:
+        """Plan every level of the step once (host index tensors read on the host, page ids
+        on the device; nothing waits for the device).
+
+        A shared level that is the very `CascadeLevel` object planned into the same wrapper
+        last step (the model runner reuses them while the batch's sharing does not change) is
+        not planned again: its wrapper still holds that plan.
+        """
         levels = metadata.levels
         while len(levels) > len(self._prefill):  # reuse anywhere: a level per chunk segment
             self._prefill.append(self._shared_wrapper())
+        planned = self._planned_shared
         self._metadata = metadata
         last = levels[-1]
         runs = [self._plan_last(last, metadata.num_tokens)]
         runs[0].q_shift = self._shift(last.rope_delta, None, metadata)
+        self._planned_shared = {}
         for i, level in enumerate(levels[:-1]):
-            run = self._plan_shared(level, self._prefill[i + 1])
+            before = planned.get(i)
+            if before is not None and before[0] is level:
+                run = before[1]
+            else:
+                run = self._plan_shared(level, self._prefill[i + 1])
+                if run is not None:
+                    run.q_shift = self._shift(level.rope_delta, run.rows, metadata)
+            self._planned_shared[i] = (level, run)
             if run is not None:
-                run.q_shift = self._shift(level.rope_delta, run.rows, metadata)
                 runs.append(run)
         self._k_shift = self._shift(metadata.k_rope_delta, None, metadata)
         self._runs = runs
@@ -150,10 +176,9 @@ class FlashInferAttention:
         return rope.shift_tables(deltas, metadata.rope_inv_freq, torch.float32, self.device)
 
     def _plan_last(self, level: CascadeLevel, num_tokens: int) -> _LevelRun:
-        qo_indptr = level.qo_indptr.cpu()
-        kv_indptr = _int32(level.kv_indptr, "cpu")
-        kv_indices = _int32(level.kv_indices, self.device)
-        last_len = _int32(level.kv_last_page_len, "cpu")
+        kv_indptr = _host_int32(level.kv_indptr, self._pin)
+        kv_indices = _int32(level.kv_indices, self.device)  # on the device already: no copy
+        last_len = _host_int32(level.kv_last_page_len, self._pin)
         common = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         if level.num_entries == num_tokens:  # one row per sequence: decode kernel
             self._decode.plan(
@@ -163,13 +188,15 @@ class FlashInferAttention:
             return _LevelRun(self._decode, None)
         wrapper = self._prefill[0]
         wrapper.plan(
-            _int32(qo_indptr, "cpu"), kv_indptr, kv_indices, last_len, self.num_qo_heads,
-            self.num_kv_heads, self.head_dim, self.page_size, causal=True,
+            _host_int32(level.qo_indptr, self._pin), kv_indptr, kv_indices, last_len,
+            self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size, causal=True,
             pos_encoding_mode="NONE", **common,
         )  # fmt: skip
         return _LevelRun(wrapper, None)
 
     def _plan_shared(self, level: CascadeLevel, wrapper) -> _LevelRun | None:
+        pin = self._pin
+        # the model runner's host index tensors are CPU tensors: .cpu() does not copy
         kv_counts = (level.kv_indptr[1:] - level.kv_indptr[:-1]).cpu()
         keep = torch.nonzero(kv_counts > 0).flatten()
         if keep.numel() == 0:
@@ -184,10 +211,11 @@ class FlashInferAttention:
             rows = None
         else:
             rows = torch.cat([torch.arange(int(qo[i]), int(qo[i + 1])) for i in keep.tolist()])
-            rows = rows.to(self.device)
+            rows = (rows.pin_memory() if pin else rows).to(self.device, non_blocking=True)
         wrapper.plan(
-            sub_qo, sub_kv, _int32(level.kv_indices, self.device),
-            _int32(level.kv_last_page_len[keep], "cpu"), self.num_qo_heads, self.num_kv_heads,
+            _host_int32(sub_qo, pin), _host_int32(sub_kv, pin),
+            _int32(level.kv_indices, self.device), _host_int32(level.kv_last_page_len[keep], pin),
+            self.num_qo_heads, self.num_kv_heads,
             self.head_dim, self.page_size, causal=False, pos_encoding_mode="NONE",
             q_data_type=self.dtype, kv_data_type=self.dtype,
         )  # fmt: skip

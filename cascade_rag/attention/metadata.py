@@ -17,6 +17,14 @@ Only the last level is causal (aligned bottom-right: the last query row of an en
 every key of that entry); shared levels hold only keys that precede all of their queries.
 The output of a query row is the log-sum-exp merge of its results over all levels.
 
+Where the tensors live. The model runner gives `qo_indptr`, `kv_indptr` and `kv_last_page_len`
+as CPU tensors (pinned when the cache is on CUDA): planners read them on the host without
+waiting for the device. `kv_indices`, `slot_mapping`, `copy_src` and `copy_dst` may live on the
+cache's device (the engine gathers the page ids there from its block table). Between steps whose
+batch shares pages the same way, the engine passes the very same shared-level `CascadeLevel`
+objects again (only the last level is new each step), so a backend may keep what it planned for
+a level by identity; nobody mutates a level after building it.
+
 Position deltas (reuse anywhere, see `cascade_rag.attention.rope`): a level may carry one delta
 per query row (`rope_delta`); the row then reads that level's keys with its query rotated at
 (position - delta). A row's K may likewise be stored shifted (`k_rope_delta`). Both are None in
@@ -40,7 +48,7 @@ class CascadeLevel:
     Attributes:
         qo_indptr: [num_entries + 1] int64, query-row ranges of the entries (cover all rows).
         kv_indptr: [num_entries + 1] int64, ranges into `kv_indices` per entry.
-        kv_indices: [kv_indptr[-1]] int64, page ids.
+        kv_indices: [kv_indptr[-1]] int64, page ids (on the host or the cache's device).
         kv_last_page_len: [num_entries] int64, valid slots of each entry's last page
             (1..page_size for a non-empty entry, 0 for an entry with no pages).
         causal: True for the last level only.
@@ -72,7 +80,8 @@ class AttentionMetadata:
 
     Attributes:
         page_size: slots per page.
-        slot_mapping: [num_tokens] int64, slot where each new token's K/V is written.
+        slot_mapping: [num_tokens] int64, slot where each new token's K/V is written (on the
+            host or the cache's device).
         copy_src, copy_dst: [num_copies] int64 slots; after the new K/V is written and before
             attention, slot `copy_src[i]` is copied to `copy_dst[i]` (boundary pages: a chunk
             that starts inside a page gets its own copy of the tokens before it on that page).

@@ -7,12 +7,25 @@ Each shared run becomes one entry of a shared (non-causal) level that all the gr
 queries read once; whatever a sequence does not share goes to the last, causal level.
 
 Only *full* pages that precede every query of a sequence may sit in a shared level (a
-shared level is not causal and a partial page would be read as full). This module builds
-index lists only; it does not touch the cache or compute attention.
+shared level is not causal and a partial page would be read as full).
+
+Two planners make the same levels. `plan_levels` works on whole page tables: the slow
+reference, O(pages) per step. `plan_layout` works on chains of chunk nodes and gives the levels
+as spans of block-table rows (engine/block_table.py): which sequence's row holds an entry's
+pages, from which page index, how many. Two sequences hold the same page at an index exactly
+where both hold the same node there (private pages and the pages of different nodes are
+distinct), so the run two sequences share is the full pages before the end of the deepest node
+their chains have in common; this costs O(batch * chain depth) and nothing per page. Its output
+depends only on the order, the chains, the query lengths and the shareable full pages of the
+chains, so it stays valid while sequences only decode: the model runner re-plans only when
+those change and moves the last level's lengths in between (engine/batch_layout.py).
+
+This module builds index lists only; it does not touch the cache or compute attention.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,3 +193,123 @@ def _to_level(entries, causal: bool, device) -> CascadeLevel:
         kv_last_page_len=t(last_lens),
         causal=causal,
     )
+
+
+# ---- the same levels from chunk chains ---------------------------------------------------
+
+
+@dataclass
+class LayoutEntry:
+    """One entry of a shared level: query rows [qo_start, qo_end) read `num_pages` full pages
+    of sequence `seq`'s page table from index `page_start` (seq = -1: no pages)."""
+
+    qo_start: int
+    qo_end: int
+    seq: int
+    page_start: int
+    num_pages: int
+
+
+@dataclass
+class CascadeLayout:
+    """`plan_layout`'s levels: the shared levels' entries, then per sequence (in batch order)
+    the first page index of its own entry in the last, causal level (its pages run to the end
+    of its page table)."""
+
+    shared: list[list[LayoutEntry]]
+    last_page_start: list[int]
+
+
+def plan_layout(
+    chains: list[list[tuple[int, int]]],
+    caps: list[int],
+    qo_lens: list[int],
+    page_at: Callable[[int, int], int],
+    page_size: int,
+    max_levels: int,
+    min_shared_tokens: int = 0,
+) -> CascadeLayout:
+    """`plan_levels`' levels for the same batch, planned from chunk chains (module docstring).
+
+    Args:
+        chains: per sequence in batch order, its chunk nodes as (node_id, end) from the root.
+        caps: per sequence, the full pages of its chain that precede all its query rows:
+            min(q_start // page_size, chain_end // page_size).
+        qo_lens: per sequence, its query rows.
+        page_at: page_at(i, p) is sequence i's page at page index p (read only for p below
+            caps[i]).
+        page_size, max_levels, min_shared_tokens: as for `plan_levels`.
+    Returns:
+        the layout; shared levels with no pages are left out, as `plan_levels` does.
+    """
+    assert max_levels >= 1
+    q_offsets = [0]
+    for n in qo_lens:
+        q_offsets.append(q_offsets[-1] + n)
+    shared: list[list[LayoutEntry]] = [[] for _ in range(max_levels - 1)]
+    last_start = [0] * len(chains)
+    last = max_levels - 1
+
+    def common(a: int, b: int) -> int:
+        """Full pages sequences a and b hold alike: those before their deepest common node's
+        end (at that index each has its own boundary or next page)."""
+        if chains[a] and chains[b] and chains[a][-1][0] == chains[b][-1][0]:  # the same chain
+            return chains[a][-1][1] // page_size
+        end = 0
+        for (id_a, end_a), (id_b, _) in zip(chains[a], chains[b]):
+            if id_a != id_b:
+                break
+            end = end_a
+        return end // page_size
+
+    def split(group: list[int], at: int) -> list[list[int]]:
+        """Consecutive runs of `group` with the same shareable page at index `at`."""
+        out: list[list[int]] = []
+        prev = None
+        for i in group:
+            key = page_at(i, at) if at < caps[i] else None
+            if out and key is not None and key == prev:
+                out[-1].append(i)
+            else:
+                out.append([i])
+            prev = key
+        return out
+
+    def visit(group: list[int], level: int, start: int) -> None:
+        if level == last:
+            for i in group:
+                last_start[i] = start
+            return
+        q_lo, q_hi = q_offsets[group[0]], q_offsets[group[-1] + 1]
+        if len(group) == 1:
+            shared[level].append(LayoutEntry(q_lo, q_hi, -1, 0, 0))
+            visit(group, level + 1, start)
+            return
+        first = group[0]
+        end = min(caps[i] for i in group)
+        for i in group[1:]:
+            if end <= start:
+                break
+            end = min(end, common(first, i))
+        lcp = max(end - start, 0)
+        if lcp == 0:
+            for sub in split(group, start):
+                visit(sub, level, start)
+            return
+        if (len(group) - 1) * lcp * page_size < min_shared_tokens:
+            subs = split(group, start + lcp)
+            if len(subs) > 1:
+                for sub in subs:
+                    visit(sub, level, start)
+            else:
+                shared[level].append(LayoutEntry(q_lo, q_hi, -1, 0, 0))
+                visit(group, level + 1, start)
+            return
+        shared[level].append(LayoutEntry(q_lo, q_hi, first, start, lcp))
+        for sub in split(group, start + lcp):
+            visit(sub, level + 1, start + lcp)
+
+    if chains:
+        visit(list(range(len(chains))), 0, 0)
+    kept = [lv for lv in shared if any(e.num_pages for e in lv)]
+    return CascadeLayout(kept, last_start)

@@ -131,6 +131,7 @@ class LLMEngine:
             attn,
             config.levels,
             config.cascade_min_shared_tokens,
+            block_table=self.scheduler.block_table,
         )
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

@@ -4,6 +4,11 @@ The runner turns the scheduler's `ScheduledSeq`s into flat tensors (input ids, p
 slots), orders the batch so that sequences sharing pages are contiguous, builds the cascade
 levels (or one plain level) into an `AttentionMetadata`, plans the attention backend once and
 runs the model, whose layers all reuse that plan. It returns next-token logits per sequence.
+
+Three layouts. Exact prefix reuse with the scheduler's block table (the engine's path) goes
+through `BatchLayout` (engine/batch_layout.py): cached cascade structure, O(batch) host work per
+decode step, nothing synced before sampling. Without a block table the runner plans with the
+slow reference, `plan_levels` over `Sequence.page_table` (tests and benchmarks compare the two).
 With reuse anywhere the scheduler hands each sequence's rows as query groups
 (engine/segments.py); the runner lays those out in batch order and plans one level per segment
 index, with the position deltas the backends rotate by.
@@ -12,10 +17,13 @@ It does not choose who runs (scheduler.py) and does not sample (sampling.py).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cascade_rag.attention import AttentionBackend
 from cascade_rag.attention.metadata import AttentionMetadata
+from cascade_rag.engine.batch_layout import BatchLayout, StepInputs
+from cascade_rag.engine.block_table import BlockTable
 from cascade_rag.engine.cascade_plan import (
     SeqView,
     int64_tensor,
@@ -37,6 +45,10 @@ class ModelRunner:
         pool: the page pool whose `kv_caches` the model reads and writes.
         attn: the attention backend.
         max_cascade_levels: 1 = plain attention; n > 1 = cascade with up to n - 1 shared levels.
+        min_shared_tokens: a shared entry must save this many key reads (default: the
+            backend's `min_shared_tokens`, else 0).
+        block_table: the scheduler's block table (exact prefix reuse): steps are built from
+            it by `BatchLayout`; None plans with the slow reference.
     """
 
     def __init__(
@@ -46,6 +58,7 @@ class ModelRunner:
         attn: AttentionBackend,
         max_cascade_levels: int,
         min_shared_tokens: int | None = None,
+        block_table: BlockTable | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -54,25 +67,74 @@ class ModelRunner:
         # cascade only where it pays: by default the backend knows its cost of an extra level
         if min_shared_tokens is None:
             min_shared_tokens = getattr(attn, "min_shared_tokens", 0)
+        self.batch_layout = (
+            None
+            if block_table is None
+            else BatchLayout(block_table, pool.page_size, max_cascade_levels, min_shared_tokens)
+        )
         self.min_shared_tokens = min_shared_tokens
         self.num_cascade_steps = 0  # steps that ran with at least one shared level
         self.device = pool.kv_caches[0][0].device
         # float32 RoPE frequencies for the position deltas of reuse anywhere
         self.inv_freq = compute_inv_freq(model.config) if model is not None else None
 
+    @property
+    def min_shared_tokens(self) -> int:
+        return self._min_shared_tokens
+
+    @min_shared_tokens.setter
+    def min_shared_tokens(self, value: int) -> None:
+        self._min_shared_tokens = value
+        if self.batch_layout is not None:
+            self.batch_layout.set_min_shared_tokens(value)
+
+    def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
+        """The step's inputs on the cache's device: ids, positions, metadata, logit rows."""
+        if batch and batch[0].groups is None and self.batch_layout is not None:
+            inputs = self.batch_layout.build(batch)
+            self.num_cascade_steps += len(inputs.metadata.levels) > 1
+            return inputs
+        order, metadata = self._build_listed_metadata(batch)
+        input_ids, positions, last_rows = self._layout(batch, order)
+        scatter = None if order == list(range(len(batch))) else int64_tensor(order, self.device)
+        return StepInputs(
+            order=np.array(order, np.int64),
+            metadata=metadata,
+            input_ids=int64_tensor(input_ids, self.device),
+            positions=int64_tensor(positions, self.device),
+            last_rows=int64_tensor(last_rows, self.device),
+            scatter=scatter,
+        )
+
     def build_metadata(self, batch: list[ScheduledSeq]) -> tuple[list[int], AttentionMetadata]:
         """Batch order (indices into `batch`) and the step's attention metadata."""
-        size = self.pool.page_size
+        inputs = self.prepare(batch)
+        return inputs.order.tolist(), inputs.metadata
+
+    def _build_listed_metadata(
+        self, batch: list[ScheduledSeq]
+    ) -> tuple[list[int], AttentionMetadata]:
+        """Reuse anywhere, or exact prefix reuse planned with the slow reference."""
         if batch and batch[0].groups is not None:
             return self._build_segment_metadata(batch)
+        return self.build_reference_metadata(batch)
+
+    def build_reference_metadata(
+        self, batch: list[ScheduledSeq]
+    ) -> tuple[list[int], AttentionMetadata]:
+        """Exact prefix reuse the slow way: every page table rebuilt from the chunk nodes
+        (`Sequence.page_table`) and planned by `plan_levels` (O(pages) per step); the
+        reference that `BatchLayout` is tested against."""
+        size = self.pool.page_size
+        tables = [b.seq.page_table(size) for b in batch]
         if self.max_cascade_levels > 1:
             views = [
-                SeqView(b.page_table, b.kv_len, b.qo_len, tuple(n.node_id for n in b.seq.nodes))
-                for b in batch
+                SeqView(t, b.kv_len, b.qo_len, tuple(n.node_id for n in b.seq.nodes))
+                for t, b in zip(tables, batch)
             ]
             order = order_for_sharing(views, size)
         else:  # plain attention: no grouping, no sort
-            views = [SeqView(b.page_table, b.kv_len, b.qo_len) for b in batch]
+            views = [SeqView(t, b.kv_len, b.qo_len) for t, b in zip(tables, batch)]
             order = list(range(len(batch)))
         levels = plan_levels(
             [views[i] for i in order],
@@ -85,8 +147,13 @@ class ModelRunner:
         slots: list[int] = []
         copies: list[tuple[int, int]] = []
         for i in order:
-            slots.extend(batch[i].slots)
-            copies.extend(batch[i].copies)
+            b = batch[i]
+            if b.slots is None:  # decode: the one new position's slot in its page table
+                pos = b.kv_len - 1
+                slots.append(tables[i][pos // size] * size + pos % size)
+            else:
+                slots.extend(b.slots)
+            copies.extend(b.copies)
         metadata = AttentionMetadata(
             page_size=size,
             slot_mapping=int64_tensor(slots, self.device),
@@ -175,17 +242,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        """Forward the step; returns float32 logits [len(batch), vocab] in `batch` order."""
-        order, metadata = self.build_metadata(batch)
-        input_ids, positions, last_rows = self._layout(batch, order)
-        self.attn.plan(metadata)
-        hidden = self.model(
-            int64_tensor(input_ids, self.device),
-            int64_tensor(positions, self.device),
-            self.pool.kv_caches,
-            self.attn,
-        )
-        logits_sorted = self.model.compute_logits(hidden[int64_tensor(last_rows, self.device)])
+        """Forward the step; returns float32 logits [len(batch), vocab] in `batch` order.
+
+        Nothing here waits for the device: host-to-device copies are non-blocking and no
+        device tensor is read back before the caller samples.
+        """
+        inputs = self.prepare(batch)
+        self.attn.plan(inputs.metadata)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.pool.kv_caches, self.attn)
+        if inputs.last_rows is not None:
+            hidden = hidden[inputs.last_rows]
+        logits_sorted = self.model.compute_logits(hidden)
+        if inputs.scatter is None:
+            return logits_sorted
         logits = torch.empty_like(logits_sorted)
-        logits[int64_tensor(order, self.device)] = logits_sorted
+        logits[inputs.scatter] = logits_sorted
         return logits

@@ -16,6 +16,12 @@ growing a sequence fails that sequence alone (`StepPlan.failed`). A sequence mar
 a request that cannot run fails by itself and the others get the output they would have had
 alone.
 
+Block table (exact prefix reuse). Every running sequence holds a row of the scheduler's
+`BlockTable` (block_table.py): written whole at admission, appended to when the sequence grows
+into a new page, given back when it is released. A decode entry carries only its row; the model
+runner reads page ids, slots and lengths from the table, so a decode step costs the same host
+work at any context length.
+
 With a `RecomputePolicy` (reuse anywhere, engine/segments.py) admission places every chunk
 after the anchor at any offset: the chunk's node under the anchor is reused or created (and
 computed at its canonical positions by the admitting sequence), the tokens the policy picks are
@@ -33,7 +39,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from cascade_rag.chunks import ChunkType
+from cascade_rag.engine.block_table import BlockTable
 from cascade_rag.engine.kv_cache import ChunkKVCache, ChunkNode, OutOfPagesError
 from cascade_rag.engine.segments import (
     Placement,
@@ -55,21 +64,24 @@ class ScheduledSeq:
     Attributes:
         seq: the sequence.
         q_start: first position computed by this step (positions [q_start, len(token_ids))).
-        slots: [num_new] flat cache slot where each new position's K/V is written.
+        slots: [num_new] flat cache slot where each new position's K/V is written; None for
+            a decode entry, whose one slot is read from its block-table row
+            (row[pos // page_size] * page_size + pos % page_size, for the whole batch at once).
         copies: (src_slot, dst_slot) boundary-page copies to make before attention.
-        page_table: page per page index of the whole sequence after this step.
+        row: exact prefix reuse: the sequence's row in the scheduler's `BlockTable` (its page
+            per page index after this step's growth); -1 with reuse anywhere.
         groups: reuse anywhere only: the step's query rows of this sequence as groups with
             their segments (the last row of the last group gives the logits); `slots` and
-            `page_table` are then unused and the private rows are [q_start, kv_len).
+            `row` are then unused and the private rows are [q_start, kv_len).
         num_extra_rows: reuse anywhere: rows computed besides the private ones (chunk nodes
             this sequence creates, recomputed chunk tokens).
     """
 
     seq: Sequence
     q_start: int
-    slots: list[int]
+    slots: list[int] | None
     copies: list[tuple[int, int]]
-    page_table: list[int]
+    row: int = -1
     groups: list[QueryGroup] | None = None
     num_extra_rows: int = 0
 
@@ -133,6 +145,14 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        caches = kv.pool.kv_caches
+        device = caches[0][0].device if caches else torch.device("cpu")
+        # exact prefix reuse: a row per running sequence, read by the model runner
+        self.block_table = (
+            BlockTable(self.page_size, device, num_rows=max_num_seqs + 1)
+            if recompute is None
+            else None
+        )
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -264,6 +284,9 @@ class Scheduler:
             self.kv.unpin(node)
         self.kv.pool.free(seq.private_pages)
         self.kv.pool.free(seq.cow_pages)
+        if seq.block_row >= 0:
+            self.block_table.release(seq.block_row)
+            seq.block_row = -1
         seq.nodes, seq.private_pages, seq.num_kv = [], [], 0
         seq.placements, seq.cow_pages = [], []
         if seq in self.running:
@@ -278,23 +301,21 @@ class Scheduler:
         if need <= 0:
             return True
         try:
-            seq.private_pages.extend(self.kv.alloc(need))
+            pages = self.kv.alloc(need)
         except OutOfPagesError:
             return False
+        seq.private_pages.extend(pages)
+        if seq.block_row >= 0:
+            self.block_table.append(seq.block_row, pages)
         return True
 
     def _decode_entry(self, seq: Sequence) -> ScheduledSeq:
         pos = len(seq.token_ids) - 1
         assert seq.num_kv == pos, "a running sequence has exactly one pending token"
         if self.recompute is not None:
-            return ScheduledSeq(seq, pos, [], [], [], groups=[self._private_group(seq, pos)])
-        return ScheduledSeq(
-            seq=seq,
-            q_start=pos,
-            slots=self._owner_slots(seq, [], pos, pos + 1),
-            copies=[],
-            page_table=seq.page_table(self.page_size),
-        )
+            return ScheduledSeq(seq, pos, [], [], groups=[self._private_group(seq, pos)])
+        self.block_table.kv_len[seq.block_row] = pos + 1
+        return ScheduledSeq(seq, pos, None, [], seq.block_row)
 
     def _newest_running(self, exclude: Sequence) -> Sequence | None:
         """The most recently admitted running sequence: `exclude` itself if it is the newest
@@ -377,13 +398,14 @@ class Scheduler:
                 copies.extend(self.kv.boundary_copy(nodes[:i], n.pages[0], n.start))
         if seq.private_pages and node.end % self.page_size:
             copies.extend(self.kv.boundary_copy(nodes, seq.private_pages[0], node.end))
-        return ScheduledSeq(
-            seq=seq,
-            q_start=q_start,
-            slots=self._owner_slots(seq, mine, q_start, len(seq.token_ids)),
-            copies=copies,
-            page_table=seq.page_table(self.page_size),
-        )
+        slots = self._owner_slots(seq, mine, q_start, len(seq.token_ids))
+        size = self.page_size
+        # the page table once: chain pages (deeper nodes over their parents' boundary pages),
+        # then the private pages; decode steps only append to it
+        runs = [(n.start // size, n.pages) for n in nodes]
+        runs.append((node.end // size, seq.private_pages))
+        seq.block_row = self.block_table.assign(runs, len(seq.token_ids), node.end)
+        return ScheduledSeq(seq, q_start, slots, copies, seq.block_row)
 
     def _owner_slots(self, seq: Sequence, mine: list[ChunkNode], lo: int, hi: int) -> list[int]:
         """Slots of positions [lo, hi) in the pages of the owner that computes them."""
@@ -524,7 +546,6 @@ class Scheduler:
             q_start=seq.private_start,
             slots=[],
             copies=copies,
-            page_table=[],
             groups=groups,
             num_extra_rows=num_extra,
         )

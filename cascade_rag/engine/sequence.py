@@ -1,7 +1,7 @@
 """A request inside the engine: its prompt as a chain of chunks, its tokens and its KV pages.
 
 A `Sequence` does no scheduling and no compute; the scheduler moves it between states and
-the model runner reads its page table.
+keeps its page table in a block-table row (block_table.py), which the model runner reads.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class Sequence:
     nodes are `placements` (the anchor first), its private pages hold positions
     [private_start, len(token_ids)) from slot 0, and `cow_pages` are its private copies of
     chunk pages that hold recomputed tokens. `num_kv` tokens have KV in the cache; the
-    tokens after that are computed by the next step.
+    tokens after that are computed by the next step. With exact prefix reuse a running
+    sequence holds row `block_row` of the scheduler's block table (-1 when it holds none).
     """
 
     prompt: PreparedPrompt
@@ -91,6 +92,7 @@ class Sequence:
     num_prompt_computed: int = 0  # prompt positions computed at least once (for usage stats)
     logprobs: list = field(default_factory=list)  # TokenLogprob per generated token, if asked
     finish_reason: str | None = None
+    block_row: int = -1
     _table_key: tuple | None = field(default=None, repr=False)
     _chain_table: list[int] = field(default_factory=list, repr=False)
 
@@ -118,7 +120,9 @@ class Sequence:
         """Page id per page index for positions [0, len(token_ids)).
 
         Deeper owners replace the shallower owner's partial page at their boundary index,
-        so only the last page of the table can be partial.
+        so only the last page of the table can be partial. This builds the list from the
+        nodes (O(pages)): the slow reference of the sequence's block-table row, which the
+        engine reads instead.
         """
         key = (len(self.nodes), self.nodes[-1].node_id if self.nodes else -1)
         if self._table_key != key:  # new chain (admission): rebuild the chain part

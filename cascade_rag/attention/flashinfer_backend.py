@@ -31,13 +31,8 @@ import flashinfer
 import torch
 
 from cascade_rag.attention import rope
+from cascade_rag.attention.calibration import level_overhead_bytes
 from cascade_rag.attention.metadata import AttentionMetadata, CascadeLevel
-
-# A shared level pays when it saves reading more than about this many bytes of KV per layer
-# and step. Calibrated on an H100 with FlashInfer 0.7.2 (bench/bench_gpu_decode_attention.py,
-# Llama-3.2-1B attention shape, 2 KB of KV per token): cascade lost at 123K-129K saved tokens
-# (batch 16 x 8K, batch 64 x 2K) and won at 491K-522K (batch 16 x 32K, 64 x 8K, 256 x 2K).
-LEVEL_OVERHEAD_BYTES = 600e6
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -98,7 +93,12 @@ class FlashInferAttention:
         self.device = torch.device(device)
         self._pin = self.device.type == "cuda"  # host tensors handed to the planners
         kv_bytes_per_token = 2 * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
-        self.min_shared_tokens = int(LEVEL_OVERHEAD_BYTES / kv_bytes_per_token)
+        # a shared level pays when it saves reading more than this many bytes of KV per layer
+        # and step: measured per GPU by `cascade-rag calibrate` (attention/calibration.py)
+        on_cuda = self.device.type == "cuda"
+        name = torch.cuda.get_device_name(self.device) if on_cuda else str(self.device)
+        overhead = level_overhead_bytes(name)
+        self.min_shared_tokens = int(overhead / kv_bytes_per_token)
         self._workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         # [0] runs the causal last level; the others the shared levels, whose few query rows
         # over long prefixes need the kernel variant that splits the keys across CTAs

@@ -16,6 +16,7 @@ import torch
 
 from cascade_rag.chunks import ChunkRegistry
 from cascade_rag.config import EngineConfig
+from cascade_rag.engine.cuda_graph import make_decode_graphs
 from cascade_rag.engine.detokenizer import TextStream
 from cascade_rag.engine.kv_cache import ChunkKVCache, OutOfPagesError, PagePool
 from cascade_rag.engine.kv_store import ChunkKVStore, StoreIdentity, load_node, save_node
@@ -133,6 +134,7 @@ class LLMEngine:
             config.cascade_min_shared_tokens,
             block_table=self.scheduler.block_table,
         )
+        self.runner.graphs = make_decode_graphs(config, self.runner)  # None on the CPU
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)

@@ -74,6 +74,7 @@ class ModelRunner:
         )
         self.min_shared_tokens = min_shared_tokens
         self.num_cascade_steps = 0  # steps that ran with at least one shared level
+        self.graphs = None  # decode CUDA graphs (engine/cuda_graph.py), set by the engine
         self.device = pool.kv_caches[0][0].device
         # float32 RoPE frequencies for the position deltas of reuse anywhere
         self.inv_freq = compute_inv_freq(model.config) if model is not None else None
@@ -248,11 +249,16 @@ class ModelRunner:
         device tensor is read back before the caller samples.
         """
         inputs = self.prepare(batch)
-        self.attn.plan(inputs.metadata)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.pool.kv_caches, self.attn)
-        if inputs.last_rows is not None:
-            hidden = hidden[inputs.last_rows]
-        logits_sorted = self.model.compute_logits(hidden)
+        if self.graphs is not None and self.graphs.can_run(inputs.metadata, len(batch)):
+            logits_sorted = self.graphs.run(
+                inputs.input_ids, inputs.positions, inputs.metadata, inputs.last_rows
+            )
+        else:
+            self.attn.plan(inputs.metadata)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.pool.kv_caches, self.attn)
+            if inputs.last_rows is not None:
+                hidden = hidden[inputs.last_rows]
+            logits_sorted = self.model.compute_logits(hidden)
         if inputs.scatter is None:
             return logits_sorted
         logits = torch.empty_like(logits_sorted)

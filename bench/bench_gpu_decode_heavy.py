@@ -2,7 +2,9 @@
 
 Workload: 128 requests sharing one 8,192-token context (a system prompt and documents, cached
 once as chunks), each with its own 32-token question, 256 new tokens each (greedy, end of
-sequence ignored). Model: Llama-3.2-1B shape with random bf16 weights. Systems, in one process:
+sequence ignored). Model: Llama-3.2-1B shape with random bf16 weights built so that every
+greedy token leads by a wide margin (`gpu_common.make_peaked_model_dir`: token comparisons
+between systems then test the systems, not bf16 rounding at near ties). Systems, in one process:
 the engine with chunk caching and plain paged decode, and the same with cascade decode (the
 shared context read once per step for the whole batch). Reports output tokens/s (best of two
 runs each) and the ratio.
@@ -20,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_common import make_model_dir, timed_generate, write_json  # noqa: E402
+from gpu_common import make_peaked_model_dir, timed_generate, write_json  # noqa: E402
 
 from cascade_rag.chunks import ChunkType  # noqa: E402
 from cascade_rag.engine.sequence import PreparedPrompt  # noqa: E402
@@ -61,9 +63,9 @@ def run(model_dir, vocab: int, **options) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model-dir", default="/tmp/cascade-rag-llama1b")
+    parser.add_argument("--model-dir", default="/tmp/cascade-rag-llama1b-peaked")
     args = parser.parse_args()
-    model_dir = make_model_dir(args.model_dir)
+    model_dir = make_peaked_model_dir(args.model_dir)
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size

@@ -37,7 +37,6 @@ from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from cascade_rag.chunks import ChunkType  # noqa: E402
-from cascade_rag.engine.cuda_graph import make_decode_graphs  # noqa: E402
 from cascade_rag.engine.sequence import PreparedPrompt  # noqa: E402
 from cascade_rag.llm import CascadeEngine  # noqa: E402
 from cascade_rag.sampling import SamplingParams  # noqa: E402
@@ -48,6 +47,13 @@ WARM, TIMED, PROFILED = 3, 20, 8
 QUESTION = 32
 BREAKDOWN = 10
 MAX_TOKENS = len(MODES) * (WARM + TIMED + PROFILED) + 2 * (BREAKDOWN + PROFILED + 2) + 8
+
+
+def take_graphs(runner):
+    """The engine's own decode graphs, detached from its runner so that `runner.run` stays
+    eager and `graph_run` replays them explicitly."""
+    graphs, runner.graphs = runner.graphs, None
+    return graphs
 
 
 def graph_run(runner, graphs, batch):
@@ -166,7 +172,7 @@ def main() -> None:
     core = engine._core
     runner = core.runner
     eager_run = runner.run
-    graphs = make_decode_graphs(engine.config, runner)
+    graphs = take_graphs(runner)
     assert graphs is not None, "no decode graphs on this machine"
     vocab = engine.model_config.vocab_size
     rng = random.Random(0)

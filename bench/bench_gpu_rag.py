@@ -4,7 +4,10 @@ Workload: 64 requests, each a 256-token system prompt, 4 of 8 shared 512-token d
 retriever's canonical order, so overlapping sets share prefixes) and a 32-token question, 64
 new tokens each (greedy, end of sequence ignored so every system makes exactly 64 tokens).
 Model: Llama-3.2-1B shape (16 layers, hidden 2048, 32 heads, 8 KV heads, head_dim 64,
-vocabulary 128,256) with random bf16 weights. Systems, in one process, same token ids:
+vocabulary 128,256) with random bf16 weights built so that every
+greedy token leads by a wide margin (`gpu_common.make_peaked_model_dir`: token comparisons
+between systems then test the systems, not bf16 rounding at near ties). Systems, in one
+process, same token ids:
 
 - Hugging Face `generate` at batch 1, 4 (HuggingFacePipeline's default) and 64;
 - the engine with chunk caching off;
@@ -32,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_common import Timer, make_model_dir, timed_generate, write_json  # noqa: E402
+from gpu_common import Timer, make_peaked_model_dir, timed_generate, write_json  # noqa: E402
 
 from cascade_rag.chunks import ChunkType  # noqa: E402
 from cascade_rag.engine.sequence import PreparedPrompt  # noqa: E402
@@ -114,12 +117,12 @@ def run_engine(model_dir, prompts_args, **options):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model-dir", default="/tmp/cascade-rag-llama1b")
+    parser.add_argument("--model-dir", default="/tmp/cascade-rag-llama1b-peaked")
     parser.add_argument("--hf-batch1-requests", type=int, default=8)
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
-    model_dir = make_model_dir(args.model_dir)
+    model_dir = make_peaked_model_dir(args.model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to("cuda").eval()
     system, docs, requests = workload(hf.config.vocab_size)
     all_ids = flat_ids(system, docs, requests)

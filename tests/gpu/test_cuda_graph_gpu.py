@@ -29,12 +29,18 @@ from cascade_rag.attention.metadata import AttentionMetadata, CascadeLevel
 from cascade_rag.attention.torch_backend import TorchAttention
 from cascade_rag.chunks import ChunkType
 from cascade_rag.engine.cascade_plan import SeqView, order_for_sharing, plan_levels
-from cascade_rag.engine.cuda_graph import make_decode_graphs
 from cascade_rag.engine.sequence import PreparedPrompt
 from cascade_rag.llm import CascadeEngine
 from cascade_rag.sampling import SamplingParams
 
 DEV = torch.device("cuda")
+
+
+def take_graphs(runner):
+    """The engine's own decode graphs, detached from its runner so that `runner.run` stays
+    eager and `graph_run` replays them explicitly."""
+    graphs, runner.graphs = runner.graphs, None
+    return graphs
 
 
 def graph_run(runner, graphs, batch):
@@ -235,7 +241,7 @@ def test_decode_graph_replay_equals_eager(llama_dir, levels):
     ) as engine:  # fmt: skip
         core = engine._core
         runner = core.runner
-        graphs = make_decode_graphs(engine.config, runner)
+        graphs = take_graphs(runner)
         assert graphs is not None
         if levels == 1:
             assert graphs.num_captures == len(graphs.buckets) == 8
@@ -291,7 +297,7 @@ def test_decode_graph_replay_equals_eager(llama_dir, levels):
 
 def _patched(engine):
     runner = engine._core.runner
-    graphs = make_decode_graphs(engine.config, runner)
+    graphs = take_graphs(runner)
     runner.run = lambda batch: graph_run(runner, graphs, batch)
     return graphs
 

@@ -202,15 +202,12 @@ class BatchLayout:
         """The cascade structure of this set of sequences (O(batch * chain depth))."""
         self.num_replans += 1
         n = len(batch)
-        if self.max_levels > 1:  # sequences sharing chunk nodes next to each other
-            order = sorted(range(n), key=lambda i: tuple(x.node_id for x in batch[i].seq.nodes))
-        else:
-            order = list(range(n))
+        order = self._sharing_order(batch) if self.max_levels > 1 else list(range(n))
         order_np = np.array(order, np.int64)
         rows_o = rows[order_np]
         host = self.table.host
         layout = plan_layout(
-            [[(x.node_id, x.end) for x in batch[i].seq.nodes] for i in order],
+            [batch[i].seq.nodes for i in order],
             caps[order_np].tolist(),
             qo_len[order_np].tolist(),
             lambda i, p: int(host[rows_o[i], p]),
@@ -230,6 +227,18 @@ class BatchLayout:
             qo_indptr=host_tensor(qo_indptr, self._pin),
             scatter=None if identity else to_device(order_np, self.device),
         )
+
+    @staticmethod
+    def _sharing_order(batch: list[ScheduledSeq]) -> list[int]:
+        """`order_for_sharing`'s order (by the chains' node ids), sorting each distinct chain
+        once: sequences with one chain share its last node."""
+        lasts = [b.seq.nodes[-1] if b.seq.nodes else None for b in batch]
+        keys = {}
+        for last, b in zip(lasts, batch):
+            if id(last) not in keys:
+                keys[id(last)] = tuple(x.node_id for x in b.seq.nodes)
+        rank = {c: r for r, c in enumerate(sorted(keys, key=keys.__getitem__))}
+        return sorted(range(len(batch)), key=lambda i: rank[id(lasts[i])])
 
     def _shared_level(self, entries, rows_o: np.ndarray) -> CascadeLevel:
         """A shared level as tensors; its pages read once from the host table."""

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from cascade_rag.attention.metadata import CascadeLevel
+from cascade_rag.engine.kv_cache import ChunkNode
 
 
 @dataclass
@@ -221,7 +222,7 @@ class CascadeLayout:
 
 
 def plan_layout(
-    chains: list[list[tuple[int, int]]],
+    chains: list[list[ChunkNode]],
     caps: list[int],
     qo_lens: list[int],
     page_at: Callable[[int, int], int],
@@ -232,7 +233,8 @@ def plan_layout(
     """`plan_levels`' levels for the same batch, planned from chunk chains (module docstring).
 
     Args:
-        chains: per sequence in batch order, its chunk nodes as (node_id, end) from the root.
+        chains: per sequence in batch order, its chunk nodes from the root (compared by
+            identity: the same node object is the same KV).
         caps: per sequence, the full pages of its chain that precede all its query rows:
             min(q_start // page_size, chain_end // page_size).
         qo_lens: per sequence, its query rows.
@@ -250,17 +252,27 @@ def plan_layout(
     last_start = [0] * len(chains)
     last = max_levels - 1
 
+    memo: dict[tuple[int, int], int] = {}
+
     def common(a: int, b: int) -> int:
         """Full pages sequences a and b hold alike: those before their deepest common node's
-        end (at that index each has its own boundary or next page)."""
-        if chains[a] and chains[b] and chains[a][-1][0] == chains[b][-1][0]:  # the same chain
-            return chains[a][-1][1] // page_size
-        end = 0
-        for (id_a, end_a), (id_b, _) in zip(chains[a], chains[b]):
-            if id_a != id_b:
-                break
-            end = end_a
-        return end // page_size
+        end (at that index each has its own boundary or next page). O(1) for one chain,
+        once per pair of distinct chains otherwise."""
+        chain_a, chain_b = chains[a], chains[b]
+        if not chain_a or not chain_b:
+            return 0
+        last_a, last_b = chain_a[-1], chain_b[-1]
+        if last_a is last_b:  # a node is one chain: the same chain
+            return last_a.end // page_size
+        key = (id(last_a), id(last_b))
+        if key not in memo:
+            end = 0
+            for x, y in zip(chain_a, chain_b):
+                if x is not y:
+                    break
+                end = x.end
+            memo[key] = end // page_size
+        return memo[key]
 
     def split(group: list[int], at: int) -> list[list[int]]:
         """Consecutive runs of `group` with the same shareable page at index `at`."""

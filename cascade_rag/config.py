@@ -68,6 +68,10 @@ class EngineConfig:
             to the next captured size); None: `max_num_seqs`.
         cuda_graph_capture: "lazy" captures a graph on its first use, "warm" captures all of
             them when the engine starts (slower start, no capture pauses while serving).
+        overlap: prepare and launch each step before reading the previous step's sampled
+            tokens, so host work runs while the device computes (one step of lookahead;
+            outputs are the same). None: the engine's default for the device
+            (`llm_engine.default_overlap`); True also works on the CPU (tests).
 
     Raises:
         TypeError / ValueError: a field of the wrong type or out of range, naming the field,
@@ -103,6 +107,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     cuda_graph_max_batch: int | None = None
     cuda_graph_capture: str = "lazy"
+    overlap: bool | None = None
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, (str, Path)):
@@ -161,6 +166,8 @@ class EngineConfig:
         if self.cuda_graph_max_batch is not None:
             _int_in("cuda_graph_max_batch", self.cuda_graph_max_batch, 1, 1 << 16)
         _choice("cuda_graph_capture", self.cuda_graph_capture, _GRAPH_CAPTURE)
+        if self.overlap is not None and not isinstance(self.overlap, bool):
+            raise TypeError(f"overlap must be True, False or None, got {self.overlap!r}")
         if self.cascade and self.max_cascade_levels < 2:
             raise ValueError(
                 f"max_cascade_levels={self.max_cascade_levels} leaves no shared level; "

@@ -131,6 +131,7 @@ class DecodeGraphRunner:
         self._pending: tuple[AttentionMetadata, int, object] | None = None
         self.num_replays = 0
         self.num_captures = 0
+        self.planned = None  # CUDA event after the last step's plan (see `run`)
         if capture == "warm":
             self.capture_all()
 
@@ -187,6 +188,11 @@ class DecodeGraphRunner:
         if key not in self._graphs:
             self._capture(*key)
         attn.plan(layout)
+        # the plan's copies out of pinned host buffers are queued; a caller that plans the
+        # next step before this one ran (overlap) waits for this event first
+        self.planned = torch.cuda.Event() if self.device.type == "cuda" else None
+        if self.planned is not None:
+            self.planned.record()
         attn.set_slots(metadata.slot_mapping, n)
         self._set_inputs(input_ids, positions, n)
         self._graphs[key].replay()

@@ -5,6 +5,24 @@ runner. It is driven by exactly one thread (the public `CascadeEngine` runs it o
 thread); it validates nothing the caller typed (the front end does) but keeps serving when a
 step fails: the failed step's requests end with the error and the cache keeps every node that
 was complete before the step.
+
+Overlap (`EngineConfig.overlap`): one step of lookahead. `step()` schedules, prepares and
+launches step t before it reads step t-1's sampled tokens, so the host work of one step runs
+while the device computes the previous one. A launched step whose tokens are not read yet is
+the "flight": every sequence in it carries a placeholder token (`PENDING`) at its end, so
+lengths, positions and page growth are right for the next step, whose input ids for those
+rows are gathered on the device from the flight's sampled-ids tensor (`ModelRunner.run`'s
+`pending`). After launching step t, the flight of step t-1 is resolved: its event waited for,
+placeholders replaced by the real ids and the per-token logic run as before (constraints, stop
+tokens, stop strings, max_tokens, detokenizing, updates). A sequence that ended when step t-1
+resolved still has a row in step t; that row's token is discarded when step t resolves. Its
+pages are released at once: the in-flight kernels read them, but every later write to them is
+queued after those kernels on the one device stream. A sequence whose pending token reaches
+`max_tokens` gets no row (its pages are released before scheduling, as they would be without
+overlap). Steps that need the host state of a pending token resolve the flight before
+scheduling (no overlap for them): a pending row with a constraint, penalties or logprobs, an
+isolated request (a failed batch being retried), or overlap turned off. On the CPU every
+device call is synchronous, so overlap changes the order of work but nothing else.
 """
 
 from __future__ import annotations
@@ -37,6 +55,14 @@ from cascade_rag.sampling import (
 
 logger = logging.getLogger(__name__)
 
+PENDING = -1  # placeholder of a sampled token not read back yet (never reaches the model)
+
+
+def default_overlap(device: torch.device) -> bool:
+    """`EngineConfig.overlap=None`: whether steps overlap on this device (off until checked
+    on a GPU; tests may force it)."""
+    return False
+
 
 @dataclass
 class SeqUpdate:
@@ -48,6 +74,39 @@ class SeqUpdate:
     output: GenerationOutput | None = None
     error: BaseException | None = None
     logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class _Flight:
+    """A launched step: its sequences (batch order) and their sampled tokens, read on demand.
+
+    Exactly one of `ids` (a device tensor, with its pinned host copy and event on CUDA) and
+    `results` ((token, logprob) or the row's exception, already on the host) is set.
+    """
+
+    seqs: list[Sequence]
+    ids: torch.Tensor | None = None
+    host: torch.Tensor | None = None
+    event: object | None = None
+    results: list | None = None
+
+    def __post_init__(self) -> None:
+        self.index = {seq.seq_id: i for i, seq in enumerate(self.seqs)}
+
+    def wait(self) -> list:
+        if self.results is None:
+            if self.event is not None:
+                self.event.synchronize()
+                tokens = self.host.tolist()
+            else:
+                tokens = self.ids.tolist()
+            self.results = [(t, None) for t in tokens]
+        return self.results
+
+
+def _needs_host_state(params: SamplingParams) -> bool:
+    """A row whose sampling reads its previous tokens (or returns logprobs) on the host."""
+    return params.constraint is not None or params._penalised or params.logprobs is not None
 
 
 def make_attention_backend(config: EngineConfig, model_config):
@@ -139,6 +198,12 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.sampler = Sampler(self.eos_token_ids)
+        on_cuda = torch.device(config.device).type == "cuda"
+        overlap = config.overlap
+        self.overlap = default_overlap(torch.device(config.device)) if overlap is None else overlap
+        self._cuda = on_cuda
+        self._flight: _Flight | None = None  # the launched step whose tokens are not read yet
+        self._num_pending: dict[int, int] = {}  # seq_id -> placeholders at its end
         # output constraints: compiled per distinct constraint, one matcher per request
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, self.eos_token_ids)
         self._constraints: dict[int, ConstraintState] = {}
@@ -189,7 +254,8 @@ class LLMEngine:
         self._end(seq, "abort")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        """Requests to run, or a launched step whose tokens are not delivered yet."""
+        return self._flight is not None or self.scheduler.has_work()
 
     # ---- one step ----------------------------------------------------------------------
 
@@ -200,39 +266,64 @@ class LLMEngine:
         sampling or stop handling) ends with its error in its update, and the others go on.
         When the forward pass of several requests fails, they are recomputed one per step
         (`Scheduler.requeue_isolated`) so only the request that fails alone gets the error.
+        With overlap the updates are those of the previous step's tokens (this step's are
+        delivered by the next call; see the module docstring).
         """
+        updates: list[SeqUpdate] = []
+        if self._flight is not None and not self._may_overlap():
+            updates += self._resolve()
+        flight, self._flight = self._flight, None
+        if flight is not None:  # no row for a sequence its pending token ends by length
+            for seq in list(self.scheduler.running):
+                if self._num_pending.get(seq.seq_id) and seq.num_generated >= seq.max_tokens:
+                    self.scheduler.release(seq)
         try:
             plan = self.scheduler.schedule()
         except Exception as exc:  # noqa: BLE001 - not attributable: the running requests end
             logger.exception("scheduling failed; ending the running requests")
-            return [self._fail(seq, exc) for seq in self._drop_running()]
+            updates += self._resolve(flight)
+            return updates + [self._fail(seq, exc) for seq in self._drop_running()]
         self.num_preemptions += len(plan.preempted)
-        updates = [self._fail(seq, exc) for seq, exc in plan.failed]
+        updates += [self._fail(seq, exc) for seq, exc in plan.failed]
         if not plan.scheduled:
-            if self.scheduler.waiting and not self.scheduler.running:
+            updates += self._resolve(flight)
+            if flight is None and self.scheduler.waiting and not self.scheduler.running:
                 seq = self.scheduler.waiting.popleft()
-                updates.append(self._fail(seq, OutOfPagesError(self.scheduler.too_big(seq))))
+                updates.append(self._fail(seq, OutOfPagesError(self.too_big(seq))))
             return updates
+        seqs = [e.seq for e in plan.scheduled]
+        pending = None
+        if flight is not None:
+            rows = [
+                (j, flight.index[s.seq_id])
+                for j, s in enumerate(seqs)
+                if self._num_pending.get(s.seq_id)
+            ]
+            pending = (flight.ids, rows) if rows else None
+        self.runner.pending = pending
         try:
             logits = self.runner.run(plan.scheduled)
         except Exception as exc:  # noqa: BLE001 - the step's requests get the error
             self.scheduler.finish_step(plan, failed=True)
-            seqs = [e.seq for e in plan.scheduled]
+            updates += self._resolve(flight)  # the previous step's tokens are not lost
+            seqs = [s for s in seqs if s.status is not SequenceStatus.FINISHED]
             if len(seqs) == 1:
                 logger.warning("request %d failed in the model: %r", seqs[0].seq_id, exc)
                 return updates + [self._fail(seqs[0], exc)]
-            logger.warning(
-                "a step of %d requests failed in the model (%r); rerunning each alone",
-                len(seqs),
-                exc,
-            )
-            self.scheduler.requeue_isolated(seqs)
+            if seqs:
+                logger.warning(
+                    "a step of %d requests failed in the model (%r); rerunning each alone",
+                    len(seqs),
+                    exc,
+                )
+                self.scheduler.requeue_isolated(seqs)
             return updates
+        finally:
+            self.runner.pending = None
         self.scheduler.finish_step(plan, failed=False)
         self.num_steps += 1
         if self.store is not None:
             self._save_to_store(plan.created)
-        seqs = [e.seq for e in plan.scheduled]
         for e in plan.scheduled:
             seq = e.seq
             done = min(e.kv_len, seq.num_prompt_tokens)
@@ -247,7 +338,64 @@ class LLMEngine:
                 else:
                     self.recomputed_tokens += e.num_extra_rows
             seq.num_prompt_computed = max(seq.num_prompt_computed, done)
-        for seq, sampled in zip(seqs, self._sample(logits, seqs)):
+        launched = self._launch_sampling(logits, seqs)
+        for seq in seqs:  # this step's tokens: placeholders until it resolves
+            seq.token_ids.append(PENDING)
+            self._num_pending[seq.seq_id] = self._num_pending.get(seq.seq_id, 0) + 1
+        updates += self._resolve(flight)
+        if launched.results is not None or not self.overlap:
+            updates += self._resolve(launched)
+        else:
+            self._flight = launched
+        return updates
+
+    def _may_overlap(self) -> bool:
+        """Whether the next step may be scheduled before the flight resolves."""
+        if not self.overlap:
+            return False
+        waiting = self.scheduler.waiting
+        if waiting and waiting[0].isolate:
+            return False
+        return not any(
+            _needs_host_state(s.params)
+            for s in self._flight.seqs
+            if s.status is not SequenceStatus.FINISHED
+        )
+
+    def _launch_sampling(self, logits: torch.Tensor, seqs: list[Sequence]) -> _Flight:
+        """Sample the step: on the device without reading the ids back where every row allows
+        it (overlap), else on the host with per-row isolation (`_sample`)."""
+        if self.overlap and not any(_needs_host_state(s.params) for s in seqs):
+            gens = [self._generators[s.seq_id] for s in seqs]
+            states = [g.get_state() if g is not None else None for g in gens]
+            try:
+                ids = self._sample_ids(logits, seqs, gens)
+            except Exception as exc:  # noqa: BLE001 - `_sample` finds the row(s) that fail
+                logger.warning("sampling on the device failed (%r); sampling on the host", exc)
+                for g, state in zip(gens, states):
+                    if g is not None:
+                        g.set_state(state)
+            else:
+                if not self._cuda:
+                    return _Flight(seqs, ids=ids)
+                host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+                host.copy_(ids, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                return _Flight(seqs, ids=ids, host=host, event=event)
+        return _Flight(seqs, results=self._sample(logits, seqs))
+
+    def _resolve(self, flight: _Flight | None = None) -> list[SeqUpdate]:
+        """Read a launched step's tokens (default: the flight) and run the per-token logic;
+        rows of requests that ended since it launched are dropped."""
+        if flight is None:
+            flight, self._flight = self._flight, None
+            if flight is None:
+                return []
+        updates: list[SeqUpdate] = []
+        for seq, sampled in zip(flight.seqs, flight.wait()):
+            if seq.status is SequenceStatus.FINISHED:
+                continue  # ended (stop, abort, failure) while this step ran: token dropped
             if isinstance(sampled, BaseException):
                 self.scheduler.release(seq)
                 updates.append(self._fail(seq, sampled))
@@ -294,8 +442,15 @@ class LLMEngine:
         return results
 
     def _sample_rows(self, logits, seqs, gens) -> SamplerOutput:
-        return self.sampler.sample_step(
-            logits,
+        return self.sampler.sample_step(logits, *self._sampling_args(seqs, gens))
+
+    def _sample_ids(self, logits, seqs, gens) -> torch.Tensor:
+        return self.sampler.sample_step(logits, *self._sampling_args(seqs, gens), to_host=False)
+
+    def _sampling_args(self, seqs, gens) -> tuple:
+        """The sampler's per-row arguments. A pending placeholder in `generated_ids` only
+        counts (for `min_tokens`): rows whose penalties read the ids never have one."""
+        return (
             [s.params for s in seqs],
             gens,
             [
@@ -316,12 +471,23 @@ class LLMEngine:
         constraint = self._constraints.get(seq.seq_id)
         if constraint is not None:
             constraint.advance(token)  # raises for a token the constraint does not allow
-        seq.token_ids.append(token)
+        pending = self._num_pending.get(seq.seq_id, 0)
+        if pending:  # overlap: the oldest placeholder is this token
+            pos = len(seq.token_ids) - pending
+            seq.token_ids[pos] = token
+            if pending == 1:
+                del self._num_pending[seq.seq_id]
+            else:
+                self._num_pending[seq.seq_id] = pending - 1
+        else:
+            seq.token_ids.append(token)
+            pos = len(seq.token_ids) - 1
+        num_generated = pos + 1 - seq.num_prompt_tokens
         if logprob is not None:
             seq.logprobs.append(logprob)
         self.generated_tokens += 1
         params = seq.params
-        may_stop = seq.num_generated >= params.min_tokens
+        may_stop = num_generated >= params.min_tokens
         is_stop_token = may_stop and (
             token in params.stop_token_ids
             or (token in self.eos_token_ids and not params.ignore_eos)
@@ -337,7 +503,7 @@ class LLMEngine:
             reason, stop_reason = "stop", stream.stop_str
         elif is_stop_token:
             reason, stop_reason = "stop", token
-        elif seq.num_generated >= seq.max_tokens:
+        elif num_generated >= seq.max_tokens:
             reason = "length"
         lp = [logprob] if logprob is not None else None
         if reason is None:
@@ -349,6 +515,11 @@ class LLMEngine:
         return SeqUpdate(seq, [token], text, output=output, logprobs=lp)
 
     def _end(self, seq: Sequence, reason: str, stop_reason=None) -> GenerationOutput:
+        pending = self._num_pending.pop(seq.seq_id, 0)
+        if pending:  # tokens of launched steps that will not be delivered
+            del seq.token_ids[-pending:]
+        if seq.status is SequenceStatus.WAITING and seq in self.scheduler.waiting:
+            self.scheduler.waiting.remove(seq)  # preempted while its last token was pending
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         stream = self._streams.pop(seq.seq_id, None)

@@ -23,7 +23,7 @@ import torch
 from cascade_rag.attention import AttentionBackend
 from cascade_rag.attention.metadata import AttentionMetadata
 from cascade_rag.engine.batch_layout import BatchLayout, StepInputs
-from cascade_rag.engine.block_table import BlockTable
+from cascade_rag.engine.block_table import BlockTable, to_device
 from cascade_rag.engine.cascade_plan import (
     SeqView,
     int64_tensor,
@@ -75,6 +75,10 @@ class ModelRunner:
         self.min_shared_tokens = min_shared_tokens
         self.num_cascade_steps = 0  # steps that ran with at least one shared level
         self.graphs = None  # decode CUDA graphs (engine/cuda_graph.py), set by the engine
+        # CUDA event after the last step's attention plan: plans write pinned host buffers
+        # whose copies to the device run in stream order, so the next plan waits for it
+        self._planned = None
+        self.pending: tuple[torch.Tensor, list[tuple[int, int]]] | None = None  # see `run`
         self.device = pool.kv_caches[0][0].device
         # float32 RoPE frequencies for the position deltas of reuse anywhere
         self.inv_freq = compute_inv_freq(model.config) if model is not None else None
@@ -246,15 +250,24 @@ class ModelRunner:
         """Forward the step; returns float32 logits [len(batch), vocab] in `batch` order.
 
         Nothing here waits for the device: host-to-device copies are non-blocking and no
-        device tensor is read back before the caller samples.
+        device tensor is read back before the caller samples. With `pending` set (overlap,
+        engine/llm_engine.py: (the previous step's sampled ids on the device, [(j, i)])),
+        entry j's last input token is a placeholder on the host and is ids[i], gathered on
+        the device; the engine sets it for the one call.
         """
         inputs = self.prepare(batch)
+        if self.pending is not None:
+            self._gather_pending(batch, inputs, *self.pending)
+        if self._planned is not None:  # the last plan's copies out of pinned host buffers
+            self._planned.synchronize()  # are made (the step before the previous one ran)
         if self.graphs is not None and self.graphs.can_run(inputs.metadata, len(batch)):
             logits_sorted = self.graphs.run(
                 inputs.input_ids, inputs.positions, inputs.metadata, inputs.last_rows
             )
+            self._planned = getattr(self.graphs, "planned", None)
         else:
             self.attn.plan(inputs.metadata)
+            self._planned = _record_event(self.device)
             hidden = self.model(inputs.input_ids, inputs.positions, self.pool.kv_caches, self.attn)
             if inputs.last_rows is not None:
                 hidden = hidden[inputs.last_rows]
@@ -264,3 +277,42 @@ class ModelRunner:
         logits = torch.empty_like(logits_sorted)
         logits[inputs.scatter] = logits_sorted
         return logits
+
+    def _gather_pending(
+        self,
+        batch: list[ScheduledSeq],
+        inputs: StepInputs,
+        ids: torch.Tensor,
+        rows: list[tuple[int, int]],
+    ) -> None:
+        """Overwrite the placeholder input ids of `rows` ((entry, index into `ids`)) with the
+        previous step's sampled ids, on the device (one small copy of host indices)."""
+        last = self._last_input_rows(batch, inputs)
+        index = np.array([[last[j] for j, _ in rows], [i for _, i in rows]], np.int64)
+        index = to_device(index, self.device)
+        inputs.input_ids.index_copy_(0, index[0], ids.index_select(0, index[1]))
+
+    def _last_input_rows(self, batch: list[ScheduledSeq], inputs: StepInputs) -> np.ndarray:
+        """[len(batch)] flat input row of each entry's last position (its newest token)."""
+        n = len(batch)
+        last = np.empty(n, np.int64)
+        if batch and batch[0].groups is not None:  # reuse anywhere: the planned group order
+            row = 0
+            for i, g in self._group_layout:
+                row += len(g.positions)
+                if g is batch[i].groups[-1]:
+                    last[i] = row - 1
+            return last
+        order = inputs.order
+        qo_len = np.fromiter((b.kv_len - b.q_start for b in batch), np.int64, n)
+        last[order] = np.cumsum(qo_len[order]) - 1
+        return last
+
+
+def _record_event(device: torch.device):
+    """A CUDA event recorded now on the current stream (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event

@@ -107,7 +107,8 @@ class Sampler:
         prompt_ids: Sequence[Sequence[int]],
         output_ids: Sequence[Sequence[int]],
         constraints: Sequence[ConstraintState | None] | None = None,
-    ) -> SamplerOutput:
+        to_host: bool = True,
+    ) -> SamplerOutput | torch.Tensor:
         """Sample one token per row, applying every option of each row's params.
 
         Args:
@@ -125,6 +126,10 @@ class Sampler:
                 `GrammarCompiler.start` for the row's `params.constraint`) or None for an
                 unconstrained row. Only read here: the caller advances each state with the
                 token it appends.
+            to_host: False returns the [batch] int64 ids on `logits.device` without reading
+                them back (nothing here then waits for the device, so the caller can queue
+                more work first); same draws. Rows with `params.logprobs` raise ValueError
+                then (their log-probabilities are read on the host).
 
         Returns:
             A `SamplerOutput`: one token id per row, and a `TokenLogprob` per row whose
@@ -153,14 +158,18 @@ class Sampler:
             >>> out.token_ids, out.logprobs[0], out.logprobs[1].rank
             ([2, 0], None, 1)
         """
-        _check_batch(logits, params, generators)
+        states = _check_step(logits, params, generators, prompt_ids, output_ids, constraints)
         batch = logits.shape[0]
-        if len(prompt_ids) != batch or len(output_ids) != batch:
-            raise ValueError(
-                f"got {len(prompt_ids)} prompt_ids and {len(output_ids)} output_ids for {batch} "
-                "rows; pass one of each per row of logits (() for rows that need no history)"
-            )
-        states = _check_constraints(params, constraints)
+        if not to_host:
+            for i, p in enumerate(params):
+                if p.logprobs is not None:
+                    raise ValueError(
+                        f"row {i} asks for logprobs, which are read on the host; call "
+                        "sample_step with to_host=True"
+                    )
+            if all(p._plain_greedy for p in params):
+                return torch.argmax(logits, dim=-1)
+            return self._next_ids(logits, params, generators, prompt_ids, output_ids, states)
         if all(p._plain_greedy for p in params):
             return SamplerOutput(torch.argmax(logits, dim=-1).tolist(), [None] * batch)
         next_ids = self._next_ids(logits, params, generators, prompt_ids, output_ids, states)
@@ -388,6 +397,18 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":  # pinned + non_blocking: no wait for the queued forward pass
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def _check_step(logits, params, generators, prompt_ids, output_ids, constraints):
+    """`sample_step`'s argument checks; returns the constraint state per row."""
+    _check_batch(logits, params, generators)
+    batch = logits.shape[0]
+    if len(prompt_ids) != batch or len(output_ids) != batch:
+        raise ValueError(
+            f"got {len(prompt_ids)} prompt_ids and {len(output_ids)} output_ids for {batch} "
+            "rows; pass one of each per row of logits (() for rows that need no history)"
+        )
+    return _check_constraints(params, constraints)
 
 
 def _check_constraints(

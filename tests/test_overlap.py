@@ -97,7 +97,7 @@ def drive(engine: CascadeEngine, prompts, params, on_step=None):
         for u in core.step():
             assert u.seq.seq_id not in ends, "an update after the request ended"
             if u.token_ids or u.text:
-                deltas[u.seq.seq_id].append((tuple(u.token_ids), u.text))
+                deltas.setdefault(u.seq.seq_id, []).append((tuple(u.token_ids), u.text))
             if u.error is not None:
                 ends[u.seq.seq_id] = u.error
             elif u.output is not None:
@@ -258,3 +258,70 @@ def test_threaded_engine_streams_and_finishes(engines):
         o.token_ids for o in off.generate([prompt(i) for i in range(3)], params)
     ]
     assert not on._core.has_work()
+
+
+def test_pending_input_ids_are_gathered_for_decode_mixed_and_readmitted_rows(engines):
+    """Every step's input ids, recorded as the model got them, equal the tokens the requests
+    have once resolved: pending decode rows, steps mixing them with new prompts, and a request
+    preempted while its token is pending and re-admitted by the same schedule."""
+    on, _ = engines
+    core = on._core
+    seen = []  # (entries, order, input ids) per forward pass
+    runner, scheduler = core.runner, core.scheduler
+    prepare, forward, schedule = runner.prepare, runner.model.forward, scheduler.schedule
+    state = {"preempt": 3}
+
+    def prepare_rec(batch):
+        inputs = prepare(batch)
+        entries = [(e.seq, e.q_start, e.kv_len, e.slots is not None) for e in batch]
+        seen.append([entries, inputs.order.tolist(), None])
+        return inputs
+
+    def forward_rec(input_ids, *args, **kwargs):
+        seen[-1][2] = input_ids.tolist()
+        return forward(input_ids, *args, **kwargs)
+
+    def schedule_preempting():
+        state["preempt"] -= 1
+        if state["preempt"] == 0:  # the oldest running request, its token pending
+            victim = scheduler.running[0]
+            assert core._num_pending.get(victim.seq_id) == 1
+            scheduler._preempt(victim)
+            plan = schedule()
+            readmitted = [e for e in plan.scheduled if e.seq is victim]
+            assert readmitted and readmitted[0].slots is not None, "re-admitted at once"
+            return plan
+        return schedule()
+
+    runner.prepare, runner.model.forward, scheduler.schedule = (
+        prepare_rec,
+        forward_rec,
+        schedule_preempting,
+    )
+    try:
+        late = []
+
+        def add_late(step, core, seqs):
+            if step == 3:
+                late.append(
+                    core.add_request(on.prepare(prompt(4)), SamplingParams(max_tokens=5), 5)
+                )
+
+        params = [SamplingParams(max_tokens=8)] * 3
+        outs, _, _ = drive(on, [prompt(i) for i in range(3)], params, add_late)
+    finally:
+        del runner.prepare, runner.model.forward, scheduler.schedule
+    kinds = set()
+    for entries, order, ids in seen:
+        expected = []
+        for i in order:
+            seq, q_start, kv_len, prefill = entries[i]
+            expected.extend(seq.token_ids[q_start:kv_len])
+            kinds.add((prefill, kv_len > seq.num_prompt_tokens, len(entries) > 1))
+        assert ids == expected
+    # prompts alone, prompts next to decode rows, decode rows, a re-admitted request's prompt
+    # that ends with its pending token
+    assert {(True, False, True), (False, True, True), (True, True, True)} <= kinds
+    _, off = engines
+    ref = drive(off, [prompt(i) for i in range(3)], params)[0]
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]

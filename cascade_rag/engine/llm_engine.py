@@ -19,10 +19,11 @@ resolved still has a row in step t; that row's token is discarded when step t re
 pages are released at once: the in-flight kernels read them, but every later write to them is
 queued after those kernels on the one device stream. A sequence whose pending token reaches
 `max_tokens` gets no row (its pages are released before scheduling, as they would be without
-overlap). Steps that need the host state of a pending token resolve the flight before
-scheduling (no overlap for them): a pending row with a constraint, penalties or logprobs, an
-isolated request (a failed batch being retried), or overlap turned off. On the CPU every
-device call is synchronous, so overlap changes the order of work but nothing else.
+overlap). A step with a row whose sampling needs the host state of its tokens (a constraint,
+penalties, logprobs) is sampled on the host and resolved in the same call, so the next step
+finds nothing pending (no overlap for it); an isolated request (a failed batch being retried)
+makes the flight resolve before scheduling. On the CPU every device call is synchronous, so
+overlap changes the order of work but nothing else.
 """
 
 from __future__ import annotations
@@ -270,9 +271,10 @@ class LLMEngine:
         delivered by the next call; see the module docstring).
         """
         updates: list[SeqUpdate] = []
-        if self._flight is not None and not self._may_overlap():
-            updates += self._resolve()
         flight, self._flight = self._flight, None
+        if flight is not None and not self._may_overlap():
+            updates += self._resolve(flight)
+            flight = None
         if flight is not None:  # no row for a sequence its pending token ends by length
             for seq in list(self.scheduler.running):
                 if self._num_pending.get(seq.seq_id) and seq.num_generated >= seq.max_tokens:
@@ -350,17 +352,15 @@ class LLMEngine:
         return updates
 
     def _may_overlap(self) -> bool:
-        """Whether the next step may be scheduled before the flight resolves."""
-        if not self.overlap:
-            return False
+        """Whether the next step may be scheduled before the flight resolves.
+
+        A flight never holds a row that needs the host state of its token (a constraint,
+        penalties, logprobs): a step with such a row is sampled on the host and resolved at
+        once (`_launch_sampling`). An isolated request (a failed batch being retried) runs
+        after the flight resolves, so the scheduler sees every request that still runs.
+        """
         waiting = self.scheduler.waiting
-        if waiting and waiting[0].isolate:
-            return False
-        return not any(
-            _needs_host_state(s.params)
-            for s in self._flight.seqs
-            if s.status is not SequenceStatus.FINISHED
-        )
+        return self.overlap and not (waiting and waiting[0].isolate)
 
     def _launch_sampling(self, logits: torch.Tensor, seqs: list[Sequence]) -> _Flight:
         """Sample the step: on the device without reading the ids back where every row allows
@@ -385,13 +385,11 @@ class LLMEngine:
                 return _Flight(seqs, ids=ids, host=host, event=event)
         return _Flight(seqs, results=self._sample(logits, seqs))
 
-    def _resolve(self, flight: _Flight | None = None) -> list[SeqUpdate]:
-        """Read a launched step's tokens (default: the flight) and run the per-token logic;
-        rows of requests that ended since it launched are dropped."""
+    def _resolve(self, flight: _Flight | None) -> list[SeqUpdate]:
+        """Read a launched step's tokens and run the per-token logic; rows of requests that
+        ended since it launched are dropped."""
         if flight is None:
-            flight, self._flight = self._flight, None
-            if flight is None:
-                return []
+            return []
         updates: list[SeqUpdate] = []
         for seq, sampled in zip(flight.seqs, flight.wait()):
             if seq.status is SequenceStatus.FINISHED:

@@ -3,7 +3,8 @@
 Each case builds sequences from cascade segments (shared levels, then a per-sequence last
 level whose tail is the step's new tokens), scatters the segments into randomly permuted
 pages of a NaN-filled cache (so a read of any unwritten slot shows up as NaN), and compares the
-backend's output with a float64 reference.
+backend's output with a float64 reference. Both ways of running a padded batch are checked:
+PyTorch's fused CPU attention kernel (the CPU default) and the matmul path (other devices).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cascade_rag.attention import AttentionMetadata, CascadeLevel
-from cascade_rag.attention.torch_backend import TorchAttention, merge_states
+from cascade_rag.attention.torch_backend import TorchAttention, _Item, merge_states
 
 HEAD_DIM = 8
 
@@ -224,29 +225,95 @@ def random_spec(rng: random.Random, num_levels: int, batch: int, decode: bool, p
     return Spec(shared, [rng.randint(0, ps + 2) for _ in range(batch)], qo)
 
 
+def make_attention(hq: int, hkv: int, fused: bool = True, **kw) -> TorchAttention:
+    attn = TorchAttention(hq, hkv, HEAD_DIM, **kw)
+    attn.fused = fused
+    return attn
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
 @pytest.mark.parametrize("num_levels", [1, 2, 3])
-def test_matches_reference(num_levels: int, decode: bool, page_size: int, group: int) -> None:
+def test_matches_reference(
+    num_levels: int, decode: bool, page_size: int, group: int, fused: bool
+) -> None:
     rng = random.Random(f"{num_levels}-{decode}-{page_size}-{group}")
     for batch in range(1, 9):
         spec = random_spec(rng, num_levels, batch, decode, page_size)
         case = build_case(spec, page_size, 2, group, copies=batch % 2 == 0, seed=batch)
-        out = run_case(case, TorchAttention(2 * group, 2, HEAD_DIM))
+        out = run_case(case, make_attention(2 * group, 2, fused))
         assert_close(out, case.expected, 2e-5, f"batch={batch} {spec}")
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
 @pytest.mark.parametrize("max_block_scores", [1, 7, 64])
 @pytest.mark.parametrize("block_overhead", [0, 10**9])
-def test_row_chunks_and_batching(max_block_scores: int, block_overhead: int) -> None:
+def test_row_chunks_and_batching(max_block_scores: int, block_overhead: int, fused: bool) -> None:
     # small blocks cut entries into row chunks (causal chunks read fewer keys); a huge
     # overhead pads everything that fits into one batch
     spec = Spec([[(5, 13)], [(2, 0), (3, 9)]], past=[3, 0, 7, 1, 2], qo=[5, 1, 9, 3, 2])
     case = build_case(spec, page_size=4, num_kv_heads=2, group=3, copies=True)
-    attn = TorchAttention(6, 2, HEAD_DIM)
+    attn = make_attention(6, 2, fused)
     attn.max_block_scores, attn.block_overhead = max_block_scores, block_overhead
     assert_close(run_case(case, attn), case.expected, 2e-5)
+
+
+def _batch_cost(attn: TorchAttention, group: list[_Item]) -> int:
+    rows = max(it.num_rows for it in group)
+    keys = max(it.kv_len for it in group)
+    return attn.block_overhead + len(group) * keys * (rows + attn.key_cost)
+
+
+def _padded(group: list[_Item]) -> int:
+    return len(group) * max(it.num_rows for it in group) * max(it.kv_len for it in group)
+
+
+def _greedy_groups(attn: TorchAttention, items: list[_Item]) -> list[list[_Item]]:
+    """The earlier greedy rule, over the planner's item order: join the open batch while its
+    padded size stays within the item's own size plus `block_overhead`."""
+    groups: list[list[_Item]] = []
+    for it in sorted(items, key=lambda it: (it.num_rows.bit_length(), -it.kv_len, -it.num_rows)):
+        if groups:
+            padded = _padded(groups[-1] + [it])
+            own = it.num_rows * it.kv_len
+            fits = padded <= attn.max_block_scores
+            if fits and padded <= _padded(groups[-1]) + own + attn.block_overhead:
+                groups[-1].append(it)
+                continue
+        groups.append([it])
+    return groups
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 700)), min_size=1, max_size=60),
+    max_block_scores=st.sampled_from([64, 5000, 1 << 18]),
+)
+def test_grouping_is_a_partition_no_worse_than_greedy(shapes, max_block_scores) -> None:
+    attn = TorchAttention(9, 3, 64)
+    attn.max_block_scores = max_block_scores
+    items = [_Item(i, r, 0, k, k) for i, (r, k) in enumerate(shapes)]
+    groups = attn._group_items(items)
+    assert sorted(it.row_start for g in groups for it in g) == list(range(len(items)))
+    for g in groups:
+        assert len(g) == 1 or _padded(g) <= max_block_scores
+        assert len(g) <= attn.max_block_items
+    cost = sum(_batch_cost(attn, g) for g in groups)
+    assert cost <= sum(_batch_cost(attn, [it]) for it in items)
+    # the least cost over runs of consecutive items: no worse than the greedy rule's runs
+    if len(items) <= attn.max_block_items:
+        assert cost <= sum(_batch_cost(attn, g) for g in _greedy_groups(attn, items))
+
+
+def test_decode_rows_are_not_padded_to_a_shared_entry() -> None:
+    # a decode step of reuse anywhere: one shared entry read by 8 rows, 24 one-row entries
+    attn = TorchAttention(9, 3, 64)
+    items = [_Item(0, 8, 0, 101, 101)] + [_Item(i, 1, 0, 30 + i, 30 + i) for i in range(24)]
+    groups = attn._group_items(items)
+    one_row = [g for g in groups if any(it.num_rows == 1 for it in g)]
+    assert all(max(it.num_rows for it in g) == 1 for g in one_row), groups
 
 
 @settings(max_examples=60, deadline=None)
@@ -273,7 +340,7 @@ def test_matches_reference_random(data: st.DataObject) -> None:
     past = data.draw(st.lists(st.integers(min_past, 20), min_size=batch, max_size=batch))
     spec = Spec(shared, past, qo)
     case = build_case(spec, page_size, num_kv_heads, group, copies=data.draw(st.booleans()))
-    attn = TorchAttention(num_kv_heads * group, num_kv_heads, HEAD_DIM)
+    attn = make_attention(num_kv_heads * group, num_kv_heads, data.draw(st.booleans(), "fused"))
     attn.max_block_scores = data.draw(st.sampled_from([1, 5, 64, 1 << 18]), label="max_scores")
     assert_close(run_case(case, attn), case.expected, 2e-5, str(spec))
 
@@ -307,11 +374,12 @@ def test_repeated_forward_reuses_plan() -> None:
     assert_close(out1, case.expected, 2e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_dtype(dtype: torch.dtype) -> None:
+def test_low_precision_dtype(dtype: torch.dtype, fused: bool) -> None:
     spec = Spec([[(3, 10)], [(1, 0), (2, 5)]], past=[2, 3, 1], qo=[4, 1, 2])
     case = build_case(spec, page_size=4, num_kv_heads=2, group=3, copies=True, dtype=dtype)
-    out = run_case(case, TorchAttention(6, 2, HEAD_DIM))
+    out = run_case(case, make_attention(6, 2, fused))
     assert out.dtype == dtype
     assert_close(out, case.expected, 5e-2 if dtype == torch.bfloat16 else 1e-2)
 

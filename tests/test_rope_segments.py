@@ -62,7 +62,8 @@ def test_shift_tables_compose_with_the_rotation():
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize("recompute", [0, 3])
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "per-level"])
-def test_shifted_chunk_segments_equal_keys_at_true_positions(page_size, recompute, merge):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
+def test_shifted_chunk_segments_equal_keys_at_true_positions(page_size, recompute, merge, fused):
     """[system | A | B | private] where B was computed right after the system prompt.
 
     B's keys sit at canonical positions 11.. (delta 13 in this request); A is first after the
@@ -153,6 +154,7 @@ def test_shifted_chunk_segments_equal_keys_at_true_positions(page_size, recomput
     attn = TorchAttention(HQ, HKV, HEAD_DIM)
     attn.max_block_scores = 64  # several row chunks and padded batches
     attn.merge_entries = merge  # unshifted segments read with the causal level, or alone
+    attn.fused = fused  # padded batches through the fused CPU kernel or the matmul path
     attn.plan(metadata)
     # partial results per row: merged, the system prompt and A join the private rows' causal
     # entry and B (shifted) stays apart; the recomputed rows read their own keys shifted, so
@@ -190,7 +192,8 @@ def test_shifted_chunk_segments_equal_keys_at_true_positions(page_size, recomput
         assert torch.equal(node_k, rotate_at(k_b, list(range(b_canon, b_canon + n_b))))
 
 
-def test_a_segment_read_at_two_offsets_in_one_entry():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
+def test_a_segment_read_at_two_offsets_in_one_entry(fused):
     """One entry of rows from two requests holding the same chunk at different offsets (one
     kernel call for the chunk, each row rotated by its own delta) equals the reference."""
     gen = torch.Generator().manual_seed(7)
@@ -233,6 +236,7 @@ def test_a_segment_read_at_two_offsets_in_one_entry():
         rope_inv_freq=INV_FREQ,
     )
     attn = TorchAttention(HQ, HKV, HEAD_DIM)
+    attn.fused = fused
     attn.plan(metadata)
     q = rotate_at(q_raw, positions)
     k_own = torch.randn(2, HKV, HEAD_DIM, generator=gen)

@@ -1,14 +1,23 @@
 """PyTorch attention over the paged KV cache with multi-level cascade (CPU path and reference).
 
-`TorchAttention.plan` turns one step's `AttentionMetadata` into a few padded batches per level
-(query rows, key slots and masks as index tensors on the metadata's device); `forward`, once per
-layer, writes the step's new K/V into the cache, applies the boundary-page copies, runs each
-batch as batched matmuls (one per kv head) around a float32 softmax, and merges the levels with
-`merge_states`.
+`TorchAttention.plan` turns one step's `AttentionMetadata` into a few padded batches over all
+levels (query rows, key slots and masks as index tensors on the metadata's device); `forward`,
+once per layer, writes the step's new K/V into the cache, applies the boundary-page copies, runs
+each batch and merges the partial results of every row with log-sum-exp (`merge_states`).
 
-Entries of a level with similar shapes share one padded batch (e.g. all decode rows of a level);
-long entries are cut into row chunks so that no batch holds more than `max_block_scores`
-(row, key) pairs, and a causal chunk reads only the keys its last row can see.
+A batch runs on the CPU through PyTorch's fused flash-attention kernel (one call per batch: the
+keys gathered head-major, each kv head's query group folded into its rows, the log-sum-exp
+returned for the merge); elsewhere, and with `fused = False` (the reference path the fused one
+is tested against), as batched matmuls (one per kv head) around a float32 softmax.
+
+Entries with similar shapes share one padded batch (e.g. all decode rows of a level); the
+batches are chosen by dynamic programming over an estimated cost (`_group_items`); long
+entries are cut into row chunks so that no batch holds more than `max_block_scores` (row, key)
+pairs, and a causal chunk reads only the keys its last row can see.
+
+Where a decode step's time goes on a 2-core CPU (SmolLM2-135M, 8 rows of ~1,040 keys): the
+gather of the keys from the cache (DRAM-bound, ~60% of attention), then the kernel; so a shared
+entry that reads a chunk's keys once for all its rows pays at a few hundred saved key reads.
 
 Position deltas of reused chunks (`AttentionMetadata.k_rope_delta`, `CascadeLevel.rope_delta`)
 are turned into rotation tables once per step by `cascade_rag.attention.rope` and applied to the
@@ -97,6 +106,10 @@ class _Block:
     out_src: torch.Tensor | None  # [num_real] positions in n*R of real rows; None: all real
     out_rows: torch.Tensor  # [num_real] query rows they belong to
     q_shift: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [n*R, d]; None: no deltas
+    # fused path only: [n*Hkv*K] rows of the cache viewed as [slots*Hkv, d] (head-major gather)
+    kv_rows: torch.Tensor | None = None
+    # fused path only: [n, 1, g*R, K] float32 0 / -inf, the query group folded into the rows
+    fused_bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -133,11 +146,15 @@ class TorchAttention:
         scale: score scale; default 1 / sqrt(head_dim).
 
     Attributes:
-        max_block_scores: most (row, key) pairs in one padded batch; bounds the score memory
-            (times num_qo_heads * 4 bytes) by cutting long entries into row chunks.
-        block_overhead: cost of one more batch, in (row, key) pairs: two items share a padded
-            batch when the padding costs less than this.
+        max_block_scores: most (row, key) pairs in one padded batch; bounds the score (or
+            mask) memory by cutting long entries into row chunks.
+        block_overhead: cost of one more batch, in (row, key) pairs of the batch cost
+            `block_overhead + n * K * (R + key_cost)` that `_group_items` minimises.
+        key_cost: cost of gathering one (padded) key, in (row, key) pairs.
+        max_block_items: most items one batch may hold (bounds the grouping's work).
         merge_entries: read unshifted single-group entries with the last level (docstring).
+        fused: run batches through PyTorch's fused CPU attention kernel where it exists (CPU);
+            False selects the matmul path everywhere.
 
     Example:
         >>> attn = TorchAttention(num_qo_heads=9, num_kv_heads=3, head_dim=64)
@@ -147,7 +164,10 @@ class TorchAttention:
 
     max_block_scores: int = 1 << 18  # ~fastest on a 2-core CPU (9 MiB of scores at 9 heads)
     block_overhead: int = 2048
+    key_cost: int = 2
+    max_block_items: int = 48
     merge_entries: bool = True
+    fused: bool = True
     # A shared cascade level pays here only when it saves more key reads per layer than this
     # (2-core CPU, SmolLM2-135M: 8 requests sharing an 1,100-token prefix ran 15-20% faster
     # with cascade, 8 requests sharing 100-650-token runs 13% slower; read by the planner).
@@ -365,22 +385,38 @@ class TorchAttention:
         return items, torch.tensor(slots, dtype=torch.int64)
 
     def _group_items(self, items: list[_Item]) -> list[list[_Item]]:
-        """Greedily share padded batches between items of similar size (longest keys first)."""
+        """Partition the items into padded batches of least estimated cost.
+
+        Items are sorted by row-count class (1, 2, 3-4, 5-8, ... rows), then by keys (longest
+        first); a batch is a run of consecutive items, and the runs are chosen by dynamic
+        programming over the cost `block_overhead + n * K * (R + key_cost)` of a batch of n
+        items padded to R rows and K keys, looking back at most `max_block_items` items. A
+        greedy pass would let every small item pay a little padding (e.g. decode rows padded
+        to the row count of a shared entry), which adds up to far more than one more batch.
+        """
+        items = sorted(items, key=lambda it: (it.num_rows.bit_length(), -it.kv_len, -it.num_rows))
+        m = len(items)
+        best = [0] * (m + 1)  # best[j]: least cost of the first j items
+        start = [0] * (m + 1)  # start[j]: first item of the last batch in that partition
+        for j in range(1, m + 1):
+            max_rows = max_kv = 0
+            best[j] = -1
+            for i in range(j - 1, max(-1, j - 1 - self.max_block_items), -1):
+                it = items[i]
+                max_rows = max(max_rows, it.num_rows)
+                max_kv = max(max_kv, it.kv_len)
+                n = j - i
+                if n > 1 and n * max_rows * max_kv > self.max_block_scores:
+                    break  # longer runs only grow
+                cost = best[i] + self.block_overhead + n * max_kv * (max_rows + self.key_cost)
+                if best[j] < 0 or cost < best[j]:
+                    best[j], start[j] = cost, i
         groups: list[list[_Item]] = []
-        cost = max_rows = 0
-        for it in sorted(items, key=lambda it: (-it.kv_len, -it.num_rows)):
-            if groups:
-                # keys are sorted, so the group's K is its first item's kv_len
-                rows = max(max_rows, it.num_rows)
-                merged = (len(groups[-1]) + 1) * rows * groups[-1][0].kv_len
-                own = it.num_rows * it.kv_len
-                if merged <= cost + own + self.block_overhead and merged <= self.max_block_scores:
-                    groups[-1].append(it)
-                    cost, max_rows = merged, rows
-                    continue
-            groups.append([it])
-            cost, max_rows = it.num_rows * it.kv_len, it.num_rows
-        return groups
+        j = m
+        while j > 0:
+            groups.append(items[start[j] : j])
+            j = start[j]
+        return groups[::-1]
 
     def _build_block(
         self,
@@ -416,6 +452,16 @@ class TorchAttention:
             row_deltas = delta_matrix[level, q_rows].reshape(-1)
             if bool(row_deltas.any()):
                 q_shift = rope.shift_tables(row_deltas, inv_freq, torch.float32, device)
+        kv_rows = fused_bias = None
+        if self._fused(device):
+            # [n, Hkv, K]: kv head h of key slot s is row s * Hkv + h of the flat cache
+            hkv = self.num_kv_heads
+            kv_rows = (kv_slots[:, None, :] * hkv + torch.arange(hkv)[None, :, None]).reshape(-1)
+            kv_rows = kv_rows.to(device)
+            if bias is not None:  # rows of a kv head are (query head of its group, row)
+                g = self.group_size
+                fused_bias = bias.view(n, 1, 1, max_rows, max_kv).expand(n, 1, g, max_rows, max_kv)
+                fused_bias = fused_bias.reshape(n, 1, g * max_rows, max_kv)
         return _Block(
             n,
             max_rows,
@@ -426,7 +472,13 @@ class TorchAttention:
             out_src,
             out_rows.to(device),
             q_shift,
+            kv_rows,
+            fused_bias,
         )
+
+    def _fused(self, device: torch.device) -> bool:
+        """Whether blocks run through PyTorch's fused CPU attention kernel."""
+        return self.fused and _flash_cpu is not None and torch.device(device).type == "cpu"
 
     # ---- forward: once per layer ---------------------------------------------------------
 
@@ -504,8 +556,8 @@ class TorchAttention:
         """o: [n*R, Hq, d], lse: [n*R, Hq] for the block's padded rows."""
         n, r, kk = b.num_items, b.max_rows, b.max_kv
         hkv, g, d = self.num_kv_heads, self.group_size, self.head_dim
-        if n == 1 and r > 1 and _flash_cpu is not None and qs.device.type == "cpu":
-            return self._run_block_flash(b, qs, k_flat, v_flat)
+        if b.kv_rows is not None:
+            return self._run_block_fused(b, qs, k_flat, v_flat)
         # query head h reads kv head h // g: fold the group into the rows of each kv head
         q_b = rope.rotate(qs.index_select(0, b.q_rows), b.q_shift).view(n, r, hkv, g, d)
         q_b = q_b.permute(2, 0, 3, 1, 4).reshape(hkv, n, g * r, d)
@@ -528,25 +580,30 @@ class TorchAttention:
         lse = lse.view(hkv, n, g, r).permute(1, 3, 0, 2).reshape(n * r, hkv * g)
         return o, lse
 
-    def _run_block_flash(
+    def _run_block_fused(
         self, b: _Block, qs: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One entry's row band through PyTorch's fused CPU flash-attention kernel (tiled, no
-        score matrix in memory), which also returns the log-sum-exp the merge needs."""
-        r, kk = b.max_rows, b.max_kv
-        hq, hkv, g, d = self.num_qo_heads, self.num_kv_heads, self.group_size, self.head_dim
-        q_b = rope.rotate(qs.index_select(0, b.q_rows), b.q_shift)
-        q_b = q_b.transpose(0, 1).unsqueeze(0)  # [1, Hq, R, d]
+        """The block through PyTorch's fused CPU flash-attention kernel (tiled: no score matrix
+        in memory, one exp per score), which also returns the log-sum-exp the merge needs.
 
-        def heads(flat: torch.Tensor) -> torch.Tensor:  # [1, Hq, K, d], kv head per q head
-            x = flat.index_select(0, b.kv_slots).view(kk, hkv, 1, d).expand(kk, hkv, g, d)
-            return x.reshape(kk, hq, d).transpose(0, 1).unsqueeze(0)
-
-        mask = None if b.bias is None else b.bias.view(r, kk).to(qs.dtype)
-        o, lse = _flash_cpu(
-            q_b, heads(k_flat), heads(v_flat), 0.0, False, attn_mask=mask, scale=1.0
-        )
-        return o[0].transpose(0, 1), lse[0].transpose(0, 1).float()
+        Grouped-query attention without copying keys per query head: the g query heads of a
+        kv head are folded into that head's rows ([n, Hkv, g*R, d] against [n, Hkv, K, d]),
+        with the mask repeated per query head. The keys are gathered head-major, so the
+        kernel reads each item's keys of one head contiguously.
+        """
+        n, r, kk = b.num_items, b.max_rows, b.max_kv
+        hkv, g, d = self.num_kv_heads, self.group_size, self.head_dim
+        q_b = rope.rotate(qs.index_select(0, b.q_rows), b.q_shift)  # [n*R, Hq, d]
+        q_b = q_b.view(n, r, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(n, hkv, g * r, d)
+        k_b = k_flat.view(-1, d).index_select(0, b.kv_rows).view(n, hkv, kk, d)
+        v_b = v_flat.view(-1, d).index_select(0, b.kv_rows).view(n, hkv, kk, d)
+        mask = b.fused_bias
+        if mask is not None and qs.dtype not in (torch.float32, torch.bfloat16):
+            mask = mask.to(qs.dtype)  # the kernel takes a float32 mask with float32/bfloat16
+        o, lse = _flash_cpu(q_b, k_b, v_b, 0.0, False, attn_mask=mask, scale=1.0)
+        o = o.view(n, hkv, g, r, d).permute(0, 3, 1, 2, 4).reshape(n * r, hkv * g, d)
+        lse = lse.view(n, hkv, g, r).permute(0, 3, 1, 2).reshape(n * r, hkv * g)
+        return o, lse.float()
 
 
 def _merge_partials(

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from gpu_common import Timer, make_model_dir, write_json  # noqa: E402
+from gpu_common import Timer, gpu_ms_per_step, make_model_dir, write_json  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
@@ -47,45 +47,6 @@ WARM, TIMED, PROFILED = 3, 20, 8
 QUESTION = 32
 BREAKDOWN = 10
 MAX_TOKENS = len(MODES) * (WARM + TIMED + PROFILED) + 2 * (BREAKDOWN + PROFILED + 2) + 8
-
-
-def take_graphs(runner):
-    """The engine's own decode graphs, detached from its runner so that `runner.run` stays
-    eager and `graph_run` replays them explicitly."""
-    graphs, runner.graphs = runner.graphs, None
-    return graphs
-
-
-def graph_run(runner, graphs, batch):
-    """What ModelRunner.run does with decode graphs wired in (the eager path otherwise)."""
-    with torch.inference_mode():
-        inputs = runner.prepare(batch)
-        meta = inputs.metadata
-        if graphs.can_run(meta, len(batch)):
-            logits = graphs.run(inputs.input_ids, inputs.positions, meta, inputs.last_rows)
-        else:
-            runner.attn.plan(meta)
-            hidden = runner.model(inputs.input_ids, inputs.positions, runner.pool.kv_caches,
-                                  runner.attn)  # fmt: skip
-            if inputs.last_rows is not None:
-                hidden = hidden[inputs.last_rows]
-            logits = runner.model.compute_logits(hidden)
-        if inputs.scatter is None:
-            return logits
-        out = torch.empty_like(logits)
-        out[inputs.scatter] = logits
-        return out
-
-
-def gpu_ms_per_step(core, steps: int) -> float:
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            core.step()
-        torch.cuda.synchronize()
-    total_us = sum(
-        e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA
-    )
-    return total_us / 1000 / steps
 
 
 def _wrap(owner, attr: str, label: str, acc: dict):
@@ -171,8 +132,7 @@ def main() -> None:
     )  # fmt: skip
     core = engine._core
     runner = core.runner
-    eager_run = runner.run
-    graphs = take_graphs(runner)
+    graphs = runner.graphs  # the engine's own; set to None for the eager rows
     assert graphs is not None, "no decode graphs on this machine"
     vocab = engine.model_config.vocab_size
     rng = random.Random(0)
@@ -188,15 +148,12 @@ def main() -> None:
             question = tuple(rng.randrange(10, vocab) for _ in range(QUESTION))
             prompt = PreparedPrompt((contexts[ctx],), question)
             seqs.append(core.add_request(prompt, params, MAX_TOKENS, False))
-        runner.run = eager_run
+        runner.graphs = None
         for _ in range(3):  # admission and prefill
             core.step()
         for name, use_graphs in MODES:
             runner.min_shared_tokens = 0 if name == "cascade" else 1 << 50
-            if use_graphs:
-                runner.run = lambda b: graph_run(runner, graphs, b)
-            else:
-                runner.run = eager_run
+            runner.graphs = graphs if use_graphs else None
             for _ in range(WARM):
                 core.step()
             replays = graphs.num_replays
@@ -214,7 +171,7 @@ def main() -> None:
                 f"GPU {gpu:.2f} ms, ratio {wall / gpu:.2f}, replayed {replayed}/{TIMED}"
             )
         if batch == 128 and ctx == 8192:  # where a graph step's time goes
-            runner.run = lambda b: graph_run(runner, graphs, b)
+            runner.graphs = graphs
             for name in ("plain", "cascade"):
                 runner.min_shared_tokens = 0 if name == "cascade" else 1 << 50
                 for _ in range(2):
@@ -224,7 +181,7 @@ def main() -> None:
                 top_kernels(core, PROFILED)
         for seq in seqs:
             core.abort(seq)
-        runner.run = eager_run
+        runner.graphs = None
     write_json("gpu_graphs.json", dict(results=results, captures=graphs.num_captures))
     engine.close()
     print("\nLlama-3.2-1B shape, bf16, shared cached context, 32-token questions; per decode step")

@@ -28,9 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from gpu_common import make_model_dir, write_json  # noqa: E402
-from torch.autograd import DeviceType  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from gpu_common import gpu_ms_per_step, make_model_dir, write_json  # noqa: E402
 
 from cascade_rag.chunks import ChunkType  # noqa: E402
 from cascade_rag.engine.sequence import PreparedPrompt  # noqa: E402
@@ -41,17 +39,6 @@ WORKLOADS = [(32, 8192), (128, 8192)]
 WARM, TIMED, PROFILED = 5, 30, 8
 QUESTION = 32
 MAX_TOKENS = 2 * (WARM + TIMED + PROFILED) + 16
-
-
-def gpu_ms_per_step(core, steps: int) -> float:
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            core.step()
-        torch.cuda.synchronize()
-    total_us = sum(
-        e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA
-    )
-    return total_us / 1000 / steps
 
 
 def wall_ms_per_step(core, steps: int) -> float:

@@ -96,3 +96,18 @@ def timed_generate(engine, prompts, params, repeats: int, before_each=None):
             outs = engine.generate(prompts, params)
         times.append(t.seconds)
     return times, outs, engine.stats().num_steps - steps_before
+
+
+def gpu_ms_per_step(core, steps: int) -> float:
+    """Milliseconds of CUDA kernel (and copy) time per `core.step()`, from torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            core.step()
+        torch.cuda.synchronize()
+    total_us = sum(
+        e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA
+    )
+    return total_us / 1000 / steps

@@ -23,7 +23,12 @@ from flashinfer_stand_in import stand_in_module
 from cascade_rag.attention.metadata import AttentionMetadata
 from cascade_rag.attention.torch_backend import TorchAttention
 from cascade_rag.engine.cascade_plan import SeqView, order_for_sharing, plan_levels
-from cascade_rag.engine.cuda_graph import DecodeGraphRunner, batch_buckets, make_decode_graphs
+from cascade_rag.engine.cuda_graph import (
+    DecodeGraphRunner,
+    batch_buckets,
+    make_decode_graphs,
+    run_with_graphs,
+)
 
 HQ, HK, D = 8, 2, 16
 
@@ -233,27 +238,6 @@ def _graph_runner(module, engine, max_batch):
     )
 
 
-def graph_run(runner, graphs, batch):
-    """What ModelRunner.run does with decode graphs wired in (the eager path otherwise)."""
-    with torch.inference_mode():
-        inputs = runner.prepare(batch)
-        meta = inputs.metadata
-        if graphs.can_run(meta, len(batch)):
-            logits = graphs.run(inputs.input_ids, inputs.positions, meta, inputs.last_rows)
-        else:
-            runner.attn.plan(meta)
-            hidden = runner.model(inputs.input_ids, inputs.positions, runner.pool.kv_caches,
-                                  runner.attn)  # fmt: skip
-            if inputs.last_rows is not None:
-                hidden = hidden[inputs.last_rows]
-            logits = runner.model.compute_logits(hidden)
-        if inputs.scatter is None:
-            return logits.clone()
-        out = torch.empty_like(logits)
-        out[inputs.scatter] = logits
-        return out
-
-
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     from cascade_rag.testing import byte_bpe_tokenizer, save_random_llama
@@ -311,7 +295,7 @@ def test_replayed_steps_equal_the_eager_engine(graph_attention, llama_dir, casca
                 k.copy_(k0)
                 v.copy_(v0)
             before = graphs.num_replays
-            got = graph_run(runner, graphs, batch)
+            got = run_with_graphs(runner, graphs, batch)
             replayed += graphs.num_replays - before
             err = (got - eager).abs().max() / eager.abs().max()  # batch 16 vs 13: rounding
             assert err < 1e-4, f"step {step}: relative max err {err:.3g}"

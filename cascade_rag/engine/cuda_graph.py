@@ -310,3 +310,15 @@ def make_decode_graphs(config, runner) -> DecodeGraphRunner | None:
         max_shared_levels=max(config.levels - 1, 0),
         capture=config.cuda_graph_capture,
     )
+
+
+def run_with_graphs(runner, graphs: DecodeGraphRunner | None, batch) -> torch.Tensor:
+    """`runner.run(batch)` with `graphs` in place of the runner's own (None: eager), returned as
+    a copy (graph logits live in a static buffer that the next replay overwrites). For tests
+    and benchmarks that compare graph replay with eager execution on the same engine."""
+    saved, runner.graphs = runner.graphs, graphs
+    try:
+        with torch.inference_mode():
+            return runner.run(batch).clone()
+    finally:
+        runner.graphs = saved

@@ -29,6 +29,7 @@ from cascade_rag.attention.metadata import AttentionMetadata, CascadeLevel
 from cascade_rag.attention.torch_backend import TorchAttention
 from cascade_rag.chunks import ChunkType
 from cascade_rag.engine.cascade_plan import SeqView, order_for_sharing, plan_levels
+from cascade_rag.engine.cuda_graph import run_with_graphs
 from cascade_rag.engine.sequence import PreparedPrompt
 from cascade_rag.llm import CascadeEngine
 from cascade_rag.sampling import SamplingParams
@@ -38,30 +39,9 @@ DEV = torch.device("cuda")
 
 def take_graphs(runner):
     """The engine's own decode graphs, detached from its runner so that `runner.run` stays
-    eager and `graph_run` replays them explicitly."""
+    eager and `run_with_graphs` replays them explicitly."""
     graphs, runner.graphs = runner.graphs, None
     return graphs
-
-
-def graph_run(runner, graphs, batch):
-    """What ModelRunner.run does with decode graphs wired in (the eager path otherwise)."""
-    with torch.inference_mode():
-        inputs = runner.prepare(batch)
-        meta = inputs.metadata
-        if graphs.can_run(meta, len(batch)):
-            logits = graphs.run(inputs.input_ids, inputs.positions, meta, inputs.last_rows)
-        else:
-            runner.attn.plan(meta)
-            hidden = runner.model(inputs.input_ids, inputs.positions, runner.pool.kv_caches,
-                                  runner.attn)  # fmt: skip
-            if inputs.last_rows is not None:
-                hidden = hidden[inputs.last_rows]
-            logits = runner.model.compute_logits(hidden)
-        if inputs.scatter is None:
-            return logits.clone()
-        out = torch.empty_like(logits)
-        out[inputs.scatter] = logits
-        return out
 
 
 # ---- attention alone -------------------------------------------------------------------
@@ -265,7 +245,7 @@ def test_decode_graph_replay_equals_eager(llama_dir, levels):
             after_eager = _snapshot(caches)
             _restore(caches, saved)
             before = graphs.num_replays
-            got = graph_run(runner, graphs, batch).float()
+            got = run_with_graphs(runner, graphs, batch).float()
             replayed += graphs.num_replays - before
             err = (got - eager).abs().max() / eager.abs().max()
             assert err < 2e-2, f"step {step}: relative max err {err:.3g} vs eager"
@@ -297,9 +277,8 @@ def test_decode_graph_replay_equals_eager(llama_dir, levels):
 
 def _patched(engine):
     runner = engine._core.runner
-    graphs = take_graphs(runner)
-    runner.run = lambda batch: graph_run(runner, graphs, batch)
-    return graphs
+    assert runner.graphs is not None, "the engine made no decode graphs"
+    return runner.graphs
 
 
 def test_cascade_equals_plain_with_graphs(llama_dir):

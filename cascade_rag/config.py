@@ -71,7 +71,8 @@ class EngineConfig:
         overlap: prepare and launch each step before reading the previous step's sampled
             tokens, so host work runs while the device computes (one step of lookahead;
             outputs are the same). None: the engine's default for the device
-            (`llm_engine.default_overlap`); True also works on the CPU (tests).
+            (`llm_engine.default_overlap`: on for CUDA, off on the CPU); True also works
+            on the CPU (tests).
 
     Raises:
         TypeError / ValueError: a field of the wrong type or out of range, naming the field,

@@ -10,10 +10,11 @@ Memory. The table is one int32 array [num_rows, num_cols] on the host (pinned wh
 on CUDA) with a mirror on the cache's device; on the CPU the mirror is the host table itself.
 Entries written since the last `sync_to_device` are copied as one packed (index, page) array,
 non-blocking from pinned memory, and scattered into the mirror on the device stream, so the
-copy never waits for the host and never makes the host wait. A written entry is not rewritten
-before the next step, and every step ends by reading its sampled tokens (a stream sync), so
-no pinned buffer is changed while a copy from it may still be in flight. The table grows (rows
-or columns doubled, the mirror copied whole) when a sequence needs more than it holds.
+copy never waits for the host and never makes the host wait. Every copy reads a fresh pinned
+snapshot (the packed entries, or the whole table after a resize) that nothing writes again, so
+the host table can change while a copy is in flight (overlap prepares the next step then).
+The table grows (rows or columns doubled, the mirror copied whole) when a sequence needs more
+than it holds.
 
 Per row it keeps numpy arrays the step planner reads with vectorized indexing:
 `num_pages` (entries written), `kv_len` (tokens with KV after the step the scheduler last
@@ -151,7 +152,9 @@ class BlockTable:
         if not self._mirror:
             return
         if self._full_sync:
-            self.dev.copy_(self._host, non_blocking=True)
+            # from a pinned snapshot: the host table may be written again (the next step is
+            # prepared while this one runs, with overlap) before the copy is done
+            self.dev.copy_(to_device(self.host.copy(), self.device), non_blocking=True)
             self._full_sync = False
             self._dirty.clear()
             return

@@ -409,6 +409,15 @@ class ChunkRegistry:
             )
         if acquire and not register:
             raise ValueError("adopt(acquire=True) needs register=True: nothing is held")
+        with self._lock:
+            if self._chunks.get(chunk.id) is chunk:
+                # this registry's own object (chunks are immutable): its tokens were checked
+                # and hashed when it was registered, so nothing is recomputed per request
+                if not register:
+                    return chunk
+                return self._register(
+                    chunk.id, chunk.token_ids, chunk.type, chunk.text, chunk.metadata, acquire
+                )
         ids, chunk_type = self._check_args(chunk.token_ids, chunk.type, chunk.text, chunk.metadata)
         chunk_id = chunk_hash(ids, self._namespace)
         with self._lock:

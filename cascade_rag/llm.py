@@ -333,6 +333,10 @@ class CascadeEngine:
         # content digest of weights, config and tokenizer: the same model gives the same chunk
         # ids on every machine, whatever its folder is called
         namespace = f"{self.model.digest}|{type(self.tokenizer).__name__}:{len(self.tokenizer)}"
+        # chunk objects whose token ids passed the vocabulary check (by identity)
+        self._checked_chunks: weakref.WeakValueDictionary[str, Chunk] = (
+            weakref.WeakValueDictionary()
+        )
         self.registry = ChunkRegistry(
             namespace,
             capacity=config.chunk_registry_capacity,
@@ -382,7 +386,9 @@ class CascadeEngine:
         """Register already tokenized text as a chunk (no separator is added)."""
         ids = list(token_ids)
         self._check_token_ids(ids, "token_ids")
-        return self.registry.register(ids, type=type)
+        chunk = self.registry.register(ids, type=type)
+        self._checked_chunks[chunk.id] = chunk
+        return chunk
 
     def prepare(self, prompt: Prompt) -> PreparedPrompt:
         """Tokenize and chunk a prompt without running it (see `Composition`).
@@ -398,11 +404,21 @@ class CascadeEngine:
     def _prepare(self, prompt: Prompt) -> PreparedPrompt:
         """Tokenize and chunk without registering anything (see `prepare`)."""
         if isinstance(prompt, PreparedPrompt):
-            self._check_token_ids(prompt.token_ids, "prompt")
+            self._check_prompt_ids(prompt)
         with self._compose_lock:
             prepared = self.composer.prepare(prompt, register=False)
-        self._check_token_ids(prepared.token_ids, "prompt")
+        self._check_prompt_ids(prepared)
         return prepared
+
+    def _check_prompt_ids(self, prepared: PreparedPrompt) -> None:
+        """`_check_token_ids` over a prompt, skipping chunk objects already checked (chunks
+        are immutable): a request that reuses registered chunks costs its private tokens,
+        not a Python pass over every chunk token."""
+        for chunk in prepared.chunks:
+            if self._checked_chunks.get(chunk.id) is not chunk:
+                self._check_token_ids(chunk.token_ids, "prompt")
+                self._checked_chunks[chunk.id] = chunk
+        self._check_token_ids(prepared.tail_ids, "prompt")
 
     def _check_token_ids(self, ids: Sequence[int], what: str) -> None:
         bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
@@ -562,6 +578,8 @@ class CascadeEngine:
         with self._compose_lock:
             for (prepared, params, max_tokens), (_, _, deliver) in zip(checked, items):
                 prepared = self.composer.commit(prepared)
+                for chunk in prepared.chunks:  # the same tokens as the chunks checked above
+                    self._checked_chunks[chunk.id] = chunk
                 requests.append(_Request(prepared, params, max_tokens, deliver, stream_text))
         return requests
 

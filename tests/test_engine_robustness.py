@@ -370,6 +370,23 @@ def test_out_of_vocabulary_token_ids_are_refused(engine, baseline):
     assert engine.generate(PROBE, PROBE_PARAMS).token_ids == baseline["probe"]
 
 
+def test_out_of_vocabulary_ids_are_refused_in_chunks_and_beside_checked_chunks(engine, baseline):
+    """Registered chunk objects skip the per-request token pass; nothing else does: a
+    hand-built chunk, or the private tail next to a checked chunk, is still checked."""
+    vocab = engine.vocab_size
+    checked = engine.register_token_chunk([5, 6, 7, 8])
+    hits = engine.stats().chunks.hits
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.generate(PreparedPrompt(chunks=(checked,), tail_ids=(9, vocab)), PROBE_PARAMS)
+    forged = Chunk("not-a-hash", ChunkType.RAG_RESULT, (5, 6, vocab + 3))
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.generate(PreparedPrompt(chunks=(checked, forged), tail_ids=(9,)), PROBE_PARAMS)
+    out = engine.generate(PreparedPrompt(chunks=(checked,), tail_ids=(9, 10)), PROBE_PARAMS)
+    assert out.usage.prompt_tokens == 6
+    assert engine.stats().chunks.hits > hits  # reusing the object still counts as a hit
+    assert engine.generate(PROBE, PROBE_PARAMS).token_ids == baseline["probe"]
+
+
 def test_a_refused_request_registers_nothing(engine):
     before = engine.stats().chunks.num_chunks
     novel = "A passage never seen before about the lighthouse of Vell. " * 3

@@ -36,7 +36,7 @@ def main() -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("shared prefix (K tokens)")
     ax.set_ylabel("speed vs plain paged decode (x)")
-    ax.set_title("decode attention, one layer")
+    ax.set_title(f"decode attention, one layer ({attn.get('gpu', 'GPU')})")
     ax.legend(fontsize=7)
 
     ax = axes[1]
@@ -44,7 +44,7 @@ def main() -> None:
              for r in rag["rows"]]  # fmt: skip
     ax.barh(names, [r["output_tokens_per_s"] for r in rag["rows"]], color="tab:blue")
     ax.set_xlabel("output tokens/s")
-    ax.set_title("RAG end to end: 64 requests, Llama-3.2-1B shape")
+    ax.set_title(f"RAG end to end: 64 requests, Llama-3.2-1B shape ({rag.get('gpu', 'GPU')})")
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
 
@@ -52,9 +52,12 @@ def main() -> None:
     speeds = [heavy["plain"]["output_tokens_per_s"], heavy["cascade"]["output_tokens_per_s"]]
     ax.bar(["plain decode", "cascade decode"], speeds)
     ax.set_ylabel("output tokens/s")
-    ax.set_title(f"decode-heavy: 128 x 8K shared ({heavy['cascade_x_plain']:.2f}x)")
+    ax.set_title(
+        f"decode-heavy: 128 x 8K shared "
+        f"({heavy['cascade_x_plain']:.2f}x, {heavy.get('gpu', 'GPU')})"
+    )
 
-    fig.suptitle(f"cascade-rag on {attn.get('gpu', 'GPU')}")
+    fig.suptitle("cascade-rag on the GPU (bf16, random weights)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(out)

@@ -6,7 +6,7 @@ the engine wires them. After admission, prefill and warm-up, 8 decode steps are 
 mode; prints the kernels by total GPU time per step, so the gap between the GPU time and the
 memory floor (weights + KV read once) can be put on named kernels.
 
-    python bench/profile_gpu_kernels.py   # writes $OUT/gpu_kernels.json
+    python bench/profile_gpu_kernels.py [--batch 128 --context 8192 --shared-backend fa3]
 """
 
 from __future__ import annotations
@@ -53,7 +53,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument(
+        "--shared-backend", default=None, help="FlashInfer prefill backend of the graphs' shared "
+        "levels, e.g. fa3 (default: the engine's)",
+    )  # fmt: skip
+    parser.add_argument("--top", type=int, default=TOP)
     args = parser.parse_args()
+    if args.shared_backend is not None:
+        from cascade_rag.attention.flashinfer_graph import DecodeGraphAttention
+
+        init = DecodeGraphAttention.__init__
+
+        def with_backend(self, *a, **kw):
+            kw.setdefault("shared_backend", args.shared_backend)
+            init(self, *a, **kw)
+
+        DecodeGraphAttention.__init__ = with_backend
     model_dir = make_model_dir("/tmp/cascade-rag-llama1b")
     engine = CascadeEngine(
         str(model_dir), dtype="bfloat16", device="cuda", max_num_seqs=args.batch,
@@ -87,9 +102,9 @@ def main() -> None:
         total = sum(r["us"] for r in rows)
         result[mode] = dict(total_us=total, kernels=rows)
         print(f"{mode}: {args.batch} x {args.context}, GPU {total / 1000:.3f} ms per step")
-        for r in rows[:TOP]:
+        for r in rows[: args.top]:
             print(f"  {r['us']:8.1f} us  {r['calls']:5.1f}x  {r['kernel'][:110]}")
-    write_json("gpu_kernels.json", result)
+    write_json(f"gpu_kernels_{args.batch}x{args.context}_{args.shared_backend}.json", result)
     engine.close()
 
 

@@ -76,7 +76,7 @@ class _Request:
         self.params = params
         self.max_tokens = max_tokens
         self.deliver = deliver
-        self.stream_text = stream_text  # False: text decoded once at the end
+        self.stream_text = stream_text  # False: text decoded, and delivered, once at the end
         self.seq = None
         self.aborted = False
 
@@ -226,6 +226,8 @@ class _Worker:
                 continue
             if update.output is not None or update.error is not None:
                 del self.by_seq[update.seq.seq_id]
+            elif not req.stream_text:
+                continue  # generate / agenerate read only the end: no wake-up per token
             _deliver(req, update.error if update.error is not None else update)
         return True
 

@@ -217,6 +217,30 @@ def test_stats_and_aborts_do_not_wait_for_a_step(engine):
     assert engine.stats().num_running == 0
 
 
+def test_a_request_read_at_its_end_gets_one_delivery_and_a_stream_gets_every_token(engine):
+    """generate / agenerate requests (stream_text=False) are handed only their end, so the
+    caller is not woken once per token; streams get one delta per token before the end."""
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    sinks = {flag: queue.SimpleQueue() for flag in (False, True)}
+    requests = [
+        engine._make_requests([(PROBE, params, sinks[flag].put)], stream_text=flag)[0]
+        for flag in (False, True)
+    ]
+    engine._worker.submit(requests)
+    got = {}
+    for flag, sink in sinks.items():
+        items = [sink.get(timeout=60)]
+        while items[-1].output is None:
+            items.append(sink.get(timeout=60))
+        got[flag] = items
+    (end,) = got[False]
+    assert end.output.token_ids == got[True][-1].output.token_ids
+    assert len(end.output.token_ids) == 6
+    streamed = [t for item in got[True] for t in item.token_ids]
+    assert streamed == end.output.token_ids and len(got[True]) >= 2
+    wait_idle(engine)
+
+
 @pytest.mark.parametrize("when", ["before admission", "mid-prefill", "mid-decode"])
 def test_an_abort_at_any_moment_stops_the_request_within_a_step(engine, when):
     params = SamplingParams(max_tokens=200, ignore_eos=True)

@@ -98,8 +98,10 @@ def timed_generate(engine, prompts, params, repeats: int, before_each=None):
     return times, outs, engine.stats().num_steps - steps_before
 
 
-def gpu_ms_per_step(core, steps: int) -> float:
-    """Milliseconds of CUDA kernel (and copy) time per `core.step()`, from torch.profiler."""
+def kernel_times(core, steps: int) -> list[dict]:
+    """GPU time of `steps` calls of `core.step()` per CUDA kernel (and copy), from
+    torch.profiler: dicts of kernel name, calls per step and microseconds per step, largest
+    first."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -107,7 +109,16 @@ def gpu_ms_per_step(core, steps: int) -> float:
         for _ in range(steps):
             core.step()
         torch.cuda.synchronize()
-    total_us = sum(
-        e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA
-    )
-    return total_us / 1000 / steps
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            entry = totals.setdefault(e.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.time_range.elapsed_us()
+    rows = [dict(kernel=name, calls=n / steps, us=us / steps) for name, (n, us) in totals.items()]
+    return sorted(rows, key=lambda r: -r["us"])
+
+
+def gpu_ms_per_step(core, steps: int) -> float:
+    """Milliseconds of CUDA kernel (and copy) time per `core.step()`, from torch.profiler."""
+    return sum(r["us"] for r in kernel_times(core, steps)) / 1000

@@ -19,8 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from gpu_common import make_model_dir, write_json  # noqa: E402
+from gpu_common import kernel_times, make_model_dir, write_json  # noqa: E402
 
 from cascade_rag.chunks import ChunkType  # noqa: E402
 from cascade_rag.engine.sequence import PreparedPrompt  # noqa: E402
@@ -28,25 +27,6 @@ from cascade_rag.llm import CascadeEngine  # noqa: E402
 from cascade_rag.sampling import SamplingParams  # noqa: E402
 
 STEPS, TOP = 8, 18
-
-
-def kernel_table(core, steps: int) -> list[dict]:
-    """(kernel name, calls per step, GPU microseconds per step), largest first."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            core.step()
-        torch.cuda.synchronize()
-    totals: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            entry = totals.setdefault(e.name, [0, 0.0])
-            entry[0] += 1
-            entry[1] += e.time_range.elapsed_us()
-    rows = [dict(kernel=name, calls=n / steps, us=us / steps) for name, (n, us) in totals.items()]
-    return sorted(rows, key=lambda r: -r["us"])
 
 
 def main() -> None:
@@ -98,7 +78,7 @@ def main() -> None:
         core.runner.min_shared_tokens = min_shared
         for _ in range(10):
             core.step()
-        rows = kernel_table(core, STEPS)
+        rows = kernel_times(core, STEPS)
         total = sum(r["us"] for r in rows)
         result[mode] = dict(total_us=total, kernels=rows)
         print(f"{mode}: {args.batch} x {args.context}, GPU {total / 1000:.3f} ms per step")

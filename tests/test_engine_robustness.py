@@ -402,9 +402,10 @@ def test_out_of_vocabulary_ids_are_refused_in_chunks_and_beside_checked_chunks(e
     hits = engine.stats().chunks.hits
     with pytest.raises(ValueError, match="vocabulary"):
         engine.generate(PreparedPrompt(chunks=(checked,), tail_ids=(9, vocab)), PROBE_PARAMS)
-    forged = Chunk("not-a-hash", ChunkType.RAG_RESULT, (5, 6, vocab + 3))
-    with pytest.raises(ValueError, match="vocabulary"):
-        engine.generate(PreparedPrompt(chunks=(checked, forged), tail_ids=(9,)), PROBE_PARAMS)
+    for forged_id in ("not-a-hash", checked.id):  # a new id, and a checked chunk's id
+        forged = Chunk(forged_id, ChunkType.RAG_RESULT, (5, 6, vocab + 3))
+        with pytest.raises(ValueError, match="vocabulary"):
+            engine.generate(PreparedPrompt(chunks=(checked, forged), tail_ids=(9,)), PROBE_PARAMS)
     out = engine.generate(PreparedPrompt(chunks=(checked,), tail_ids=(9, 10)), PROBE_PARAMS)
     assert out.usage.prompt_tokens == 6
     assert engine.stats().chunks.hits > hits  # reusing the object still counts as a hit

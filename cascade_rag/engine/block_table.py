@@ -154,7 +154,7 @@ class BlockTable:
         if self._full_sync:
             # from a pinned snapshot: the host table may be written again (the next step is
             # prepared while this one runs, with overlap) before the copy is done
-            self.dev.copy_(to_device(self.host.copy(), self.device), non_blocking=True)
+            self.dev.copy_(host_tensor(self.host.copy(), self._pin), non_blocking=True)
             self._full_sync = False
             self._dirty.clear()
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -122,3 +123,34 @@ def kernel_times(core, steps: int) -> list[dict]:
 def gpu_ms_per_step(core, steps: int) -> float:
     """Milliseconds of CUDA kernel (and copy) time per `core.step()`, from torch.profiler."""
     return sum(r["us"] for r in kernel_times(core, steps)) / 1000
+
+
+def parse_graph_options(spec: str) -> dict:
+    """'shared_pieces=4,shared_backend=fa3,last_split_tokens=1024' -> keyword arguments of
+    `DecodeGraphAttention` (ints where they parse, "none" -> None); '' -> {}."""
+    options = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if value.lower() == "none":
+            options[key] = None
+        else:
+            options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return options
+
+
+@contextmanager
+def graph_options(**options):
+    """Engines made inside the block build their decode graphs' attention with these keyword
+    arguments as defaults (to compare settings in one process)."""
+    from cascade_rag.attention.flashinfer_graph import DecodeGraphAttention
+
+    init = DecodeGraphAttention.__init__
+
+    def with_options(self, *args, **kwargs):
+        init(self, *args, **{**options, **kwargs})
+
+    DecodeGraphAttention.__init__ = with_options
+    try:
+        yield
+    finally:
+        DecodeGraphAttention.__init__ = init

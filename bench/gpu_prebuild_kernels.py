@@ -6,7 +6,7 @@ FlashInfer compiles a module on its first call, one module at a time; each is mo
 translation unit, so compiling them side by side in threads uses the GPU machine's cores. Run it
 first in a GPU command (then `.gpu-kit/save-jit-cache.sh` keeps the results):
 
-    python bench/gpu_prebuild_kernels.py --head-dims 64
+    python bench/gpu_prebuild_kernels.py --head-dims 64 [--backends fa2 fa3]
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def _append(head_dim: int) -> None:
     )  # fmt: skip
 
 
-def _prefill_fa2(head_dim: int) -> None:
+def _prefill(head_dim: int, backend: str) -> None:
     ws = torch.zeros(16 << 20, dtype=torch.uint8, device=DEV)
-    wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa2")
+    wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=backend)
     i32 = dict(dtype=torch.int32)
     wrapper.plan(torch.tensor([0, 2], **i32), torch.tensor([0, 1], **i32),
                  torch.tensor([0], **i32, device=DEV), torch.tensor([16], **i32),
@@ -71,12 +71,14 @@ def _merge() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64])
+    parser.add_argument("--backends", nargs="+", default=["fa2"], help="paged prefill: fa2 fa3")
     args = parser.parse_args()
     jobs = {"norm": _norm, "silu_and_mul": _silu, "merge": _merge}
     for d in args.head_dims:
         jobs[f"rope/{d}"] = lambda d=d: _rope(d)
         jobs[f"append/{d}"] = lambda d=d: _append(d)
-        jobs[f"prefill fa2/{d}"] = lambda d=d: _prefill_fa2(d)
+        for backend in args.backends:
+            jobs[f"prefill {backend}/{d}"] = lambda d=d, b=backend: _prefill(d, b)
     torch.zeros(1, device=DEV)  # initialise CUDA before the threads
     start = time.perf_counter()
 

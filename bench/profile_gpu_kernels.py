@@ -6,7 +6,11 @@ the engine wires them. After admission, prefill and warm-up, 8 decode steps are 
 mode; prints the kernels by total GPU time per step, so the gap between the GPU time and the
 memory floor (weights + KV read once) can be put on named kernels.
 
-    python bench/profile_gpu_kernels.py [--batch 128 --context 8192 --shared-backend fa3]
+    python bench/profile_gpu_kernels.py [--batch 128 --context 8192]
+        [--variants "" shared_pieces=4,last_split_tokens=1024 shared_pieces=4,shared_backend=fa3]
+
+Each `--variants` entry builds an engine whose decode graphs use those `DecodeGraphAttention`
+settings; a table of GPU time by kernel kind (attention, merges, GEMMs, other) ends the output.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_common import kernel_times, make_model_dir, write_json  # noqa: E402
+from gpu_common import (  # noqa: E402
+    graph_options,
+    kernel_times,
+    make_model_dir,
+    parse_graph_options,
+    write_json,
+)
 
 from cascade_rag.chunks import ChunkType  # noqa: E402
 from cascade_rag.engine.sequence import PreparedPrompt  # noqa: E402
@@ -29,32 +39,15 @@ from cascade_rag.sampling import SamplingParams  # noqa: E402
 STEPS, TOP = 8, 18
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--context", type=int, default=8192)
-    parser.add_argument(
-        "--shared-backend", default=None, help="FlashInfer prefill backend of the graphs' shared "
-        "levels, e.g. fa3 (default: the engine's)",
-    )  # fmt: skip
-    parser.add_argument("--top", type=int, default=TOP)
-    args = parser.parse_args()
-    if args.shared_backend is not None:
-        from cascade_rag.attention.flashinfer_graph import DecodeGraphAttention
-
-        init = DecodeGraphAttention.__init__
-
-        def with_backend(self, *a, **kw):
-            kw.setdefault("shared_backend", args.shared_backend)
-            init(self, *a, **kw)
-
-        DecodeGraphAttention.__init__ = with_backend
+def _profile(args, options: dict, modes) -> dict:
+    """Per-kernel GPU time per decode step for each mode, on an engine made with `options`."""
     model_dir = make_model_dir("/tmp/cascade-rag-llama1b")
-    engine = CascadeEngine(
-        str(model_dir), dtype="bfloat16", device="cuda", max_num_seqs=args.batch,
-        kv_cache_tokens=args.context + args.batch * 16 * 16 + 4096,
-        max_num_batched_tokens=max(16384, args.context + 1024), max_cascade_levels=3,
-    )  # fmt: skip
+    with graph_options(**options):
+        engine = CascadeEngine(
+            str(model_dir), dtype="bfloat16", device="cuda", max_num_seqs=args.batch,
+            kv_cache_tokens=args.context + args.batch * 16 * 16 + 4096,
+            max_num_batched_tokens=max(16384, args.context + 1024), max_cascade_levels=3,
+        )  # fmt: skip
     core = engine._core
     vocab = engine.model_config.vocab_size
     rng = random.Random(0)
@@ -74,18 +67,57 @@ def main() -> None:
     while not all(s.generated_ids for s in seqs):
         core.step()
     result = {}
-    for mode, min_shared in (("plain", 1 << 40), ("cascade", 0)):
-        core.runner.min_shared_tokens = min_shared
+    for mode in modes:
+        core.runner.min_shared_tokens = 1 << 40 if mode == "plain" else 0
         for _ in range(10):
             core.step()
         rows = kernel_times(core, STEPS)
         total = sum(r["us"] for r in rows)
         result[mode] = dict(total_us=total, kernels=rows)
-        print(f"{mode}: {args.batch} x {args.context}, GPU {total / 1000:.3f} ms per step")
+        print(f"{mode} {options}: {args.batch} x {args.context}, GPU {total / 1000:.3f} ms/step")
         for r in rows[: args.top]:
             print(f"  {r['us']:8.1f} us  {r['calls']:5.1f}x  {r['kernel'][:110]}")
-    write_json(f"gpu_kernels_{args.batch}x{args.context}_{args.shared_backend}.json", result)
     engine.close()
+    return result
+
+
+def _kind(kernel: str) -> str:
+    for key, kind in (("MergeState", "merges"), ("Prefill", "attention"), ("Decode", "attention"),
+                      ("nvjet", "GEMMs"), ("cublas", "GEMMs"), ("gemm", "GEMMs")):  # fmt: skip
+        if key in kernel:
+            return kind
+    return "other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument(
+        "--variants", nargs="+", default=[""], help="decode-graph attention settings to compare, "
+        "each a comma list such as shared_pieces=4,shared_backend=fa3,last_split_tokens=1024 "
+        "('' = the engine's defaults); plain decode is profiled with the first only",
+    )  # fmt: skip
+    parser.add_argument("--top", type=int, default=TOP)
+    args = parser.parse_args()
+    result, summary = {}, []
+    for i, spec in enumerate(args.variants):
+        modes = ("plain", "cascade") if i == 0 else ("cascade",)
+        runs = _profile(args, parse_graph_options(spec), modes)
+        result[spec or "default"] = runs
+        for mode, run in runs.items():
+            kinds: dict[str, float] = {}
+            for r in run["kernels"]:
+                kinds[_kind(r["kernel"])] = kinds.get(_kind(r["kernel"]), 0.0) + r["us"]
+            summary.append((mode, spec or "default", run["total_us"], kinds))
+    name = f"gpu_kernels_{args.batch}x{args.context}.json"
+    write_json(name, dict(batch=args.batch, context=args.context, runs=result))
+    print(f"| mode | variant | GPU ms/step | attention | merges | GEMMs | other |  ({name})")
+    print("|---|---|---|---|---|---|---|")
+    for mode, spec, total, kinds in summary:
+        parts = " | ".join(f"{kinds.get(k, 0.0) / 1000:.3f}"
+                           for k in ("attention", "merges", "GEMMs", "other"))  # fmt: skip
+        print(f"| {mode} | {spec} | {total / 1000:.3f} | {parts} |")
 
 
 if __name__ == "__main__":

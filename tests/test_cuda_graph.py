@@ -16,6 +16,7 @@ import logging
 import random
 import sys
 
+import numpy as np
 import pytest
 import torch
 from flashinfer_stand_in import stand_in_module
@@ -105,12 +106,17 @@ def test_shared_entry_capacity_gives_the_large_tile(graph_attention):
         assert (b - e + 1) * g > 64  # FlashInfer's graph-mode worst case -> the 128-row tile
 
 
-@pytest.mark.parametrize("page_size", [1, 4])
-def test_graph_attention_matches_torch_backend(graph_attention, page_size):
+@pytest.mark.parametrize(
+    "page_size,pieces,last_split", [(1, 1, None), (4, 1, None), (1, 3, 20), (4, 4, 40)]
+)
+def test_graph_attention_matches_torch_backend(graph_attention, page_size, pieces, last_split):
     """Steps of 5..48 sequences in buckets of 8 and 48 rows, plain and with 1-3 shared
     levels, one attention object per bucket planned again and again (buffers of a larger
-    step must not leak into a smaller one), vs the PyTorch backend on the unpadded rows."""
-    rng = random.Random(page_size)
+    step must not leak into a smaller one), vs the PyTorch backend on the unpadded rows.
+    With `pieces` > 1 each shared entry's keys are cut into parts (some of them empty: the
+    short shared parts have fewer pages than parts), and with `last_split` a step whose
+    last level is short runs the wrapper without split-KV (both kinds of step occur)."""
+    rng = random.Random(page_size * 10 + pieces)
     num_pages = 2400
     scratch = 0
     attns = {
@@ -127,9 +133,12 @@ def test_graph_attention_matches_torch_backend(graph_attention, page_size):
             scratch,
             torch.empty(0),
             max_pages_per_seq=2200,
+            shared_pieces=pieces,
+            last_split_tokens=last_split,
         )  # fmt: skip
         for b in (8, 48)
     }
+    splits = set()
     steps = [(5, 1), (8, 2), (37, 4), (48, 3), (33, 2), (41, 1), (6, 4), (3, 3), (44, 4)]
     steps += [(6, 1, True), (7, 2, True), (40, 1, True)]  # long shared prefixes
     seen_shared = set()
@@ -144,6 +153,11 @@ def test_graph_attention_matches_torch_backend(graph_attention, page_size):
         attn.plan(layout)
         attn.set_slots(meta.slot_mapping, n)
         assert attn.num_shared == len(meta.levels) - 1
+        last = meta.levels[-1]  # what is left of each sequence after its shared levels
+        pages = (last.kv_indptr[1:] - last.kv_indptr[:-1]).tolist()
+        longest = max((p - 1) * page_size + int(n) for p, n in zip(pages, last.kv_last_page_len))
+        assert attn.split == (last_split is None or longest > last_split)
+        splits.add(attn.split)
         g = torch.Generator().manual_seed(step)
         q = torch.randn(b, HQ, D, generator=g)
         k = torch.randn(b, HK, D, generator=g)
@@ -162,6 +176,17 @@ def test_graph_attention_matches_torch_backend(graph_attention, page_size):
         if n < b:
             assert torch.equal(k_cache[scratch, 0, :, :], k[b - 1])
     assert seen_shared == {0, 1, 2, 3}
+    assert splits == ({True} if last_split is None else {True, False})
+
+
+def test_piece_bounds_cover_every_page_once(graph_attention):
+    bounds = graph_attention.piece_bounds(np.array([0, 1, 3, 7, 512]), 4)
+    assert (bounds[:, 0] == 0).all() and (bounds[:, -1] == [0, 1, 3, 7, 512]).all()
+    assert (np.diff(bounds, axis=1) >= 0).all()
+    assert np.diff(bounds[-1]).tolist() == [128] * 4
+    pieces = graph_attention.default_shared_pieces
+    assert pieces(128, 4, 8, 132) == 4 and pieces(256, 4, 8, 132) == 2
+    assert pieces(32, 4, 8, 132) == 8 and pieces(1024, 4, 8, 132) == 1
 
 
 def test_steps_that_do_not_fit_are_refused(graph_attention):
@@ -220,7 +245,7 @@ class _ReplayAgain:
         self.fn()
 
 
-def _graph_runner(module, engine, max_batch):
+def _graph_runner(module, engine, max_batch, **options):
     core = engine._core
     runner = core.runner
     mc = engine.model_config
@@ -231,6 +256,7 @@ def _graph_runner(module, engine, max_batch):
         return module.DecodeGraphAttention(
             mc.num_qo_heads, mc.num_kv_heads, mc.head_dim, pool.page_size, torch.float32,
             "cpu", batch_size, levels - 1, pool.num_pages, scratch_page, torch.empty(0),
+            **options,
         )  # fmt: skip
 
     return DecodeGraphRunner(
@@ -257,11 +283,12 @@ def llama_dir(tmp_path_factory):
     )
 
 
-@pytest.mark.parametrize("cascade", [False, True])
-def test_replayed_steps_equal_the_eager_engine(graph_attention, llama_dir, cascade):
+@pytest.mark.parametrize("cascade,pieces", [(False, 1), (True, 1), (True, 3)])
+def test_replayed_steps_equal_the_eager_engine(graph_attention, llama_dir, cascade, pieces):
     """Engine steps on the CPU: every step is run eagerly (PyTorch backend) and, from the same
     cache state, through the graph runner; logits agree and decode steps replay (13
-    sequences: padded to 16; chunks that end inside pages: boundary copies at admission)."""
+    sequences: padded to 16; chunks that end inside pages: boundary copies at admission).
+    With pieces > 1 shared keys are cut into parts and short last levels skip split-KV."""
     from cascade_rag.chunks import ChunkType
     from cascade_rag.engine.sequence import PreparedPrompt
     from cascade_rag.llm import CascadeEngine
@@ -276,7 +303,8 @@ def test_replayed_steps_equal_the_eager_engine(graph_attention, llama_dir, casca
         docs = [engine.register_token_chunk([rng.randrange(1, vocab) for _ in range(n)])
                 for n in (9, 14, 6)]  # fmt: skip
         core = engine._core
-        graphs = _graph_runner(graph_attention, engine, 16)
+        options = dict(shared_pieces=pieces, last_split_tokens=64 if pieces > 1 else None)
+        graphs = _graph_runner(graph_attention, engine, 16, **options)
         for i in range(13):
             picked = [docs[i % 3]] + ([docs[(i + 1) % 3]] if i % 2 else [])
             query = tuple(rng.randrange(1, vocab) for _ in range(3 + i % 4))
@@ -310,6 +338,7 @@ def test_replayed_steps_equal_the_eager_engine(graph_attention, llama_dir, casca
         assert replayed == 5, "every step after the prefill replays"
         if cascade:
             assert any(key[1] > 0 for key in graphs._graphs), "no graph with shared levels"
+            assert any(not key[2] for key in graphs._graphs) == (pieces > 1)
             attn = graphs._attention[16]
             # the runner hands the same shared levels while the batch does not change: each
             # shared wrapper is planned once after its capture, not every step

@@ -7,15 +7,26 @@ of `batch_size` rows; a step of n <= batch_size sequences (one query row each) i
 
 - Last level: FlashInfer's paged decode wrapper created with `use_cuda_graph=True` over fixed
   `kv_indptr` / `kv_indices` / `kv_last_page_len` buffers. Padded rows read one slot of a
-  scratch page that no request owns. (A graph-mode plan always splits the keys across CTAs
-  and merges the parts; a second wrapper without split-KV for short last levels measured 50.7
-  vs 47.9 us per layer at 48 rows with 2 shared levels on the H200, not worth a graph key.)
+  scratch page that no request owns. A graph-mode plan always splits the keys across CTAs and
+  merges the parts (one more kernel per layer). With `last_split_tokens` set, a step whose
+  longest last-level entry has at most that many tokens (cascade decode: only each request's
+  own tokens are left there) runs a second wrapper planned with split-KV off instead; which
+  wrapper a step uses is part of its graph (`DecodeLayout.split`).
 - Shared levels: paged prefill wrappers (not causal, docs/design.md rule 5) over a fixed number
   of entries, `shared_entry_capacity(batch_size, group_size)`: the step's entries (runs of
   entries without keys merged into one), then entries without rows; the padded rows [n,
   batch_size) form one entry without keys, so every level still covers every row. A level's
   result is merged into the last level's with a per-row mask, so rows that read no keys in that
   level (whatever the kernel writes for them) are left exactly as they are.
+- Shared pieces (`shared_pieces` > 1): a shared level's few long entries give few CTAs (128
+  rows x 8 KV heads over an 8K prefix: 32), so the keys must be split to fill the GPU. Instead
+  of FlashInfer's own split (partial results in float32, merged by a kernel of its own), each
+  entry's pages are cut into `pieces` contiguous parts, each part an entry of its own over a
+  copy of the query rows (the queries are repeated piece-major, [pieces * batch_size] rows;
+  the level's page list is permuted once per plan so that the parts' pages follow each
+  other), planned with split-KV off; the parts' results are merged into the last level's one
+  piece at a time, each with its own row mask. This also lets FlashInfer's Hopper kernels
+  ("fa3", which never split keys) run shared levels.
 - New K/V: one `append_paged_kv_cache` call writes k and v, addressing the whole pool as a
   single page list (page i at index i) with each row's slot as its position; padded rows write
   the scratch slot.
@@ -64,6 +75,33 @@ def shared_entry_capacity(batch_size: int, group_size: int) -> int:
     return batch_size - _LARGE_TILE_ROWS // group_size
 
 
+def default_shared_pieces(
+    batch_size: int, group_size: int, num_kv_heads: int, num_sms: int, most: int = 8
+) -> int:
+    """Parts a shared level's keys are cut into so that one shared entry over the whole bucket
+    gives about one CTA per SM: its query tiles (128 packed rows each) x KV heads per part.
+
+    Example:
+        >>> default_shared_pieces(128, 4, 8, 132)  # H200: 4 tiles x 8 heads = 32 CTAs a part
+        4
+    """
+    tiles = -(-batch_size * group_size // 128) * num_kv_heads
+    return max(1, min(most, num_sms // tiles))
+
+
+def piece_bounds(num_pages: np.ndarray, pieces: int) -> np.ndarray:
+    """[entries, pieces + 1] page offsets of each entry's parts: part j of an entry of P pages
+    is its pages [floor(j P / pieces), floor((j + 1) P / pieces)); the last part ends with the
+    entry's last page (and so holds its partial page).
+
+    Example:
+        >>> piece_bounds(np.array([10, 2]), 4).tolist()
+        [[0, 2, 5, 7, 10], [0, 0, 1, 1, 2]]
+    """
+    j = np.arange(pieces + 1)
+    return (num_pages[:, None] * j[None, :]) // pieces
+
+
 def _host(x: torch.Tensor) -> np.ndarray:
     return x.detach().to("cpu", torch.int64).numpy()
 
@@ -76,7 +114,7 @@ class _SharedPlan:
     kv_indptr: np.ndarray  # [capacity + 1] int32
     kv_indices: torch.Tensor  # [kv_indptr[-1]] page ids (host or device)
     kv_last_page_len: np.ndarray  # [capacity] int32
-    mask: np.ndarray  # [batch_size] bool: rows that read keys in this level
+    mask: np.ndarray  # [pieces, batch_size] bool: rows that read keys in each part
     source: tuple[CascadeLevel, int] | None = None  # (level, n) it pads; None: a dummy
 
 
@@ -89,14 +127,15 @@ class DecodeLayout:
     kv_indices: torch.Tensor  # last level's page ids, without the padded rows' pages
     kv_last_page_len: np.ndarray  # [batch_size] int32
     shared: list[_SharedPlan]
+    split: bool = True  # the last level runs the wrapper that splits keys across CTAs
 
 
 @dataclass
 class _SharedLevel:
     wrapper: object
-    mask: torch.Tensor  # [batch_size] bool on the device
-    out: torch.Tensor  # [batch_size, num_qo_heads, head_dim]: the level's result (static)
-    lse: torch.Tensor  # [batch_size, num_qo_heads] float32
+    mask: torch.Tensor  # [pieces, batch_size] bool on the device
+    out: torch.Tensor  # [pieces * batch_size, num_qo_heads, head_dim]: results (static)
+    lse: torch.Tensor  # [pieces * batch_size, num_qo_heads] float32
 
 
 class DecodeGraphAttention:
@@ -120,7 +159,11 @@ class DecodeGraphAttention:
         max_pages_per_seq: most pages one sequence's level holds (sizes the index buffers);
             None: `num_pages`.
         shared_backend: FlashInfer prefill backend of the shared levels ("fa2", as the eager
-            backend: it splits long key ranges across CTAs).
+            backend: it splits long key ranges across CTAs; "fa3" needs `shared_pieces` > 1).
+        shared_pieces: parts each shared entry's keys are cut into (see the module
+            docstring); 1: FlashInfer splits them itself; None: `default_shared_pieces`.
+        last_split_tokens: a step whose longest last-level entry has at most this many tokens
+            runs the last level without split-KV; None: always with it.
 
     Example:
         >>> attn = DecodeGraphAttention(32, 8, 64, 16, torch.bfloat16, "cuda", 48, 2,
@@ -145,6 +188,8 @@ class DecodeGraphAttention:
         workspace: torch.Tensor,
         max_pages_per_seq: int | None = None,
         shared_backend: str = "fa2",
+        shared_pieces: int | None = 1,
+        last_split_tokens: int | None = None,
     ) -> None:
         if num_pages * page_size >= 2**31:
             raise ValueError(
@@ -161,6 +206,14 @@ class DecodeGraphAttention:
         self.scratch_page = scratch_page
         self.scratch_slot = scratch_page * page_size
         group = num_qo_heads // num_kv_heads
+        if shared_pieces is None:
+            on_cuda = self.device.type == "cuda"
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            shared_pieces = default_shared_pieces(b, group, num_kv_heads, sms) if on_cuda else 1
+        if shared_pieces < 1:
+            raise ValueError(f"shared_pieces={shared_pieces} is not a positive number of parts")
+        self.pieces = p = shared_pieces
+        self.last_split_tokens = last_split_tokens
         self.max_shared_entries = shared_entry_capacity(b, group)
         per_seq = min(max_pages_per_seq or num_pages, num_pages)
         self.max_indices = b * per_seq + b  # + one scratch page per padded row
@@ -168,19 +221,26 @@ class DecodeGraphAttention:
         self._decode_indptr = torch.zeros(b + 1, **i32)
         self._decode_indices = torch.zeros(self.max_indices, **i32)
         self._decode_last_len = torch.zeros(b, **i32)
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace,
-            "NHD",
-            use_cuda_graph=True,
-            use_tensor_cores=group >= 4,  # as the eager backend
-            paged_kv_indptr_buffer=self._decode_indptr,
-            paged_kv_indices_buffer=self._decode_indices,
-            paged_kv_last_page_len_buffer=self._decode_last_len,
-        )
+        # True: the wrapper that splits keys; False (made only with last_split_tokens): the one
+        # that does not. Both read the same buffers; a step plans and runs one of them.
+        self._decodes = {
+            split: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace,
+                "NHD",
+                use_cuda_graph=True,
+                use_tensor_cores=group >= 4,  # as the eager backend
+                paged_kv_indptr_buffer=self._decode_indptr,
+                paged_kv_indices_buffer=self._decode_indices,
+                paged_kv_last_page_len_buffer=self._decode_last_len,
+            )
+            for split in ((True,) if last_split_tokens is None else (True, False))
+        }
         # outputs in static buffers: no allocation (or zero fill) inside a graph
         self._out = torch.empty(b, num_qo_heads, head_dim, dtype=dtype, device=self.device)
         self._lse = torch.empty(b, num_qo_heads, dtype=torch.float32, device=self.device)
-        e = self.max_shared_entries
+        # the query rows repeated once per part (pieces > 1 only)
+        self._q_rep = torch.empty(p * b, num_qo_heads, head_dim, dtype=dtype, device=self.device)
+        e = self.max_shared_entries * p
         self._shared: list[_SharedLevel] = []
         for _ in range(max_shared_levels):
             wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
@@ -193,8 +253,9 @@ class DecodeGraphAttention:
                 paged_kv_last_page_len_buf=torch.zeros(e, **i32),
                 backend=shared_backend,
             )
-            mask = torch.zeros(b, dtype=torch.bool, device=self.device)
-            out, lse = torch.empty_like(self._out), torch.empty_like(self._lse)
+            mask = torch.zeros(p, b, dtype=torch.bool, device=self.device)
+            out = torch.empty(p * b, num_qo_heads, head_dim, dtype=dtype, device=self.device)
+            lse = torch.empty(p * b, num_qo_heads, dtype=torch.float32, device=self.device)
             self._shared.append(_SharedLevel(wrapper, mask, out, lse))
         # A shared level that comes back as the same object (the model runner reuses its
         # levels while the batch's sharing does not change) with the same rows is neither
@@ -210,12 +271,18 @@ class DecodeGraphAttention:
         self.slots = torch.full((b,), self.scratch_slot, **i32)  # [batch_size] where K/V go
         self._scratch_from = 0  # slots[i] is the scratch slot for every i >= this
         self.num_shared = 0  # shared levels `forward` runs (fixed within a captured graph)
+        self.split = True  # which last-level wrapper `forward` runs (fixed within a graph)
         self.num_plans = 0  # steps planned
         self.num_shared_plans = 0  # shared-level wrapper plans (reused plans not counted)
 
     @property
     def max_shared_levels(self) -> int:
         return len(self._shared)
+
+    @property
+    def split_variants(self) -> tuple[bool, ...]:
+        """The values `DecodeLayout.split` takes in this bucket (each needs its own graph)."""
+        return tuple(self._decodes)
 
     # ---- once per step (host) ------------------------------------------------------------
 
@@ -241,7 +308,12 @@ class DecodeGraphAttention:
         if int(indptr[-1]) + pad > self.max_indices:
             return None
         kv_indptr = np.concatenate([indptr, indptr[-1] + np.arange(1, pad + 1)])
-        last_len = np.concatenate([_host(last.kv_last_page_len), np.ones(pad, np.int64)])
+        own_last = _host(last.kv_last_page_len)
+        split = True
+        if self.last_split_tokens is not None:
+            longest = int(((indptr[1:] - indptr[:-1] - 1) * self.page_size + own_last).max())
+            split = longest > self.last_split_tokens
+        last_len = np.concatenate([own_last, np.ones(pad, np.int64)])
         shared = []
         for j, level in enumerate(levels[:-1]):
             plan = self._padded[j]
@@ -252,8 +324,9 @@ class DecodeGraphAttention:
                 self._padded[j] = plan
             shared.append(plan)
         return DecodeLayout(
-            n, kv_indptr.astype(np.int32), last.kv_indices, last_len.astype(np.int32), shared
-        )
+            n, kv_indptr.astype(np.int32), last.kv_indices, last_len.astype(np.int32), shared,
+            split,
+        )  # fmt: skip
 
     def _shared_layout(self, level: CascadeLevel, n: int) -> _SharedPlan | None:
         qo, kv = _host(level.qo_indptr), _host(level.kv_indptr)
@@ -263,21 +336,45 @@ class DecodeGraphAttention:
         keep = has_keys.copy()
         keep[0] = True
         keep[1:] |= has_keys[:-1]
-        starts_qo, starts_kv = qo[:-1][keep], kv[:-1][keep]
-        fill = self.max_shared_entries - int(keep.sum())
+        kept = int(keep.sum())
+        fill = self.max_shared_entries - kept
         if fill < (n < self.batch_size) or int(kv[-1]) > self.max_indices:
             return None
-        b = self.batch_size
-        # the first filler entry takes the padded rows [n, b), the others no rows; none has keys
-        qo_p = np.concatenate([starts_qo, [n], np.full(fill, b)])
-        kv_p = np.concatenate([starts_kv, np.full(fill + 1, kv[-1])])
-        lens_p = np.concatenate([last_len[keep], np.zeros(fill, np.int64)])
-        mask = np.zeros(b, dtype=bool)
-        mask[:n] = np.repeat(has_keys, qo[1:] - qo[:-1])
+        b, p = self.batch_size, self.pieces
+        starts_qo = qo[:-1][keep]
+        pages = (kv[1:] - kv[:-1])[keep]
+        bounds = piece_bounds(pages, p)  # [kept, p + 1]
+        part_pages = bounds[:, 1:] - bounds[:, :-1]  # [kept, p]
+        # part j of every kept entry, piece-major: block j of the repeated queries is rows
+        # [j b, (j + 1) b); each block ends with one entry for the padded rows [n, b)
+        padded = [0] if n < b else []
+        qo_p, lens_p, counts = [], [], []
+        for j in range(p):
+            qo_p += [j * b + starts_qo, [j * b + n] if padded else []]
+            full = last_len[keep] if j == p - 1 else self.page_size
+            lens_p += [np.where(part_pages[:, j] > 0, full, 0), padded]
+            counts += [part_pages[:, j], padded]
+        extra = p * (fill - len(padded))  # entries without rows or keys
+        qo_p = np.concatenate(qo_p + [np.full(extra + 1, p * b)])
+        counts = np.concatenate(counts + [np.zeros(extra, np.int64)])
+        lens_p = np.concatenate(lens_p + [np.zeros(extra, np.int64)])
+        indices = level.kv_indices
+        kv_p = np.concatenate([[0], np.cumsum(counts)]) + (kv[0] if p == 1 else 0)
+        if p > 1:  # the parts' pages in entry order within each part, parts one after another
+            first = kv[:-1][keep]
+            perm = np.concatenate(
+                [first[i] + np.arange(bounds[i, j], bounds[i, j + 1]) for j in range(p)
+                 for i in range(kept)] + [np.zeros(0, np.int64)]
+            )  # fmt: skip
+            indices = indices[torch.from_numpy(perm).to(indices.device)]
+        row_entry = np.repeat(np.arange(len(has_keys)), qo[1:] - qo[:-1])  # entry of each row
+        kept_of = np.cumsum(keep) - 1  # an entry's kept entry (its run's start)
+        mask = np.zeros((p, b), dtype=bool)
+        mask[:, :n] = (part_pages[kept_of[row_entry]] > 0).T & has_keys[row_entry]
         return _SharedPlan(
             qo_p.astype(np.int32),
             kv_p.astype(np.int32),
-            level.kv_indices,
+            indices,
             lens_p.astype(np.int32),
             mask,
             (level, n),
@@ -301,7 +398,7 @@ class DecodeGraphAttention:
             self.set_slots(metadata.slot_mapping, metadata.num_tokens)
         common = dict(pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype)
         pad = self.batch_size - layout.num_rows
-        self._decode.plan(
+        self._decodes[layout.split].plan(
             torch.from_numpy(layout.kv_indptr),
             layout.kv_indices,  # host or device: the plan copies them into the buffer
             torch.from_numpy(layout.kv_last_page_len),
@@ -309,6 +406,7 @@ class DecodeGraphAttention:
             self.num_kv_heads,
             self.head_dim,
             self.page_size,
+            disable_split_kv=not layout.split,
             **common,
         )
         if pad:  # the padded rows' scratch pages follow the real page lists
@@ -331,28 +429,32 @@ class DecodeGraphAttention:
                 self.head_dim,
                 self.page_size,
                 causal=False,
+                disable_split_kv=self.pieces > 1,
                 **common,
             )
             level.mask.copy_(torch.from_numpy(plan.mask), non_blocking=True)
         self.num_shared = len(layout.shared)
+        self.split = layout.split
         self.num_plans += 1
 
-    def plan_dummy(self, num_shared: int) -> None:
+    def plan_dummy(self, num_shared: int, split: bool = True) -> None:
         """Plan a step in which every row is padding (for capturing: all reads and writes go
-        to the scratch page), with `num_shared` shared levels."""
-        b, e = self.batch_size, self.max_shared_entries
+        to the scratch page), with `num_shared` shared levels and the last level's `split`."""
+        b, e = self.batch_size, self.max_shared_entries * self.pieces
+        rows = b * self.pieces
         scratch = torch.full((b,), self.scratch_page, dtype=torch.int64)
         ones = np.ones(b, np.int32)
         shared = []
         for _ in range(num_shared):  # one entry over every row, reading one scratch slot
-            qo = np.full(e + 1, b, np.int32)
+            qo = np.full(e + 1, rows, np.int32)
             qo[0] = 0
             kv = np.ones(e + 1, np.int32)
             kv[0] = 0
             lens = np.zeros(e, np.int32)
             lens[0] = 1
-            shared.append(_SharedPlan(qo, kv, scratch[:1], lens, np.zeros(b, bool)))
-        layout = DecodeLayout(b, np.arange(b + 1, dtype=np.int32), scratch, ones, shared)
+            mask = np.zeros((self.pieces, b), bool)
+            shared.append(_SharedPlan(qo, kv, scratch[:1], lens, mask))
+        layout = DecodeLayout(b, np.arange(b + 1, dtype=np.int32), scratch, ones, shared, split)
         self.plan(layout)
         self.set_slots(None, 0)
 
@@ -386,12 +488,22 @@ class DecodeGraphAttention:
             self._append_indptr,
             self._append_last_len,
         )
+        decode = self._decodes[self.split]
         if not self.num_shared:
-            return self._decode.run(q, kv_cache, out=self._out)
-        out, lse = self._decode.run(q, kv_cache, out=self._out, lse=self._lse, return_lse=True)
+            return decode.run(q, kv_cache, out=self._out)
+        out, lse = decode.run(q, kv_cache, out=self._out, lse=self._lse, return_lse=True)
+        b, p = self.batch_size, self.pieces
+        q_l = q
+        if p > 1:
+            q_l = self._q_rep
+            q_l.view(p, *q.shape).copy_(q.unsqueeze(0).expand(p, *q.shape))
         for level in self._shared[: self.num_shared]:
             out_l, lse_l = level.wrapper.run(
-                q, kv_cache, out=level.out, lse=level.lse, return_lse=True
+                q_l, kv_cache, out=level.out, lse=level.lse, return_lse=True
             )
-            flashinfer.merge_state_in_place(out, lse, out_l, lse_l, mask=level.mask)
+            for j in range(p):
+                flashinfer.merge_state_in_place(
+                    out, lse, out_l[j * b : (j + 1) * b], lse_l[j * b : (j + 1) * b],
+                    mask=level.mask[j],
+                )  # fmt: skip
         return out

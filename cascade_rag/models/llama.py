@@ -386,6 +386,22 @@ class LlamaModel(nn.Module):
         return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
+def _gemm_writes_float32(lm_head: nn.Linear) -> bool:
+    """Whether the LM head's half-precision GEMM can write float32 logits itself (CUDA, no bias,
+    torch's `mm(..., out_dtype=float32)`): one kernel instead of a bf16 GEMM and a cast of all
+    vocabulary-wide rows. Checked once, on a few rows, against the GEMM-then-cast result."""
+    weight = lm_head.weight
+    if weight.device.type != "cuda" or lm_head.bias is not None or weight.dtype == torch.float32:
+        return False
+    x = torch.randn(4, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    try:
+        got = torch.mm(x, weight.t(), out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    want = lm_head(x).float()
+    return bool(torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())))
+
+
 class LlamaForCausalLM(nn.Module):
     """Llama-family causal LM over a flat token batch; parameter names equal Hugging Face's.
 
@@ -430,6 +446,7 @@ class LlamaForCausalLM(nn.Module):
                 layer.mlp.fuse()
         self.model.kernels = make_kernels(kernels, self.device)
         self.model.cos_sin = self.model.rope_table(self.config.max_position_embeddings)
+        self._logits_in_gemm = _gemm_writes_float32(self.lm_head)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -478,6 +495,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[rows, hidden_size] hidden states -> [rows, vocab_size] float32 logits (written to
         `out` [rows, vocab_size] float32 if given, e.g. a CUDA graph's static buffer)."""
+        if getattr(self, "_logits_in_gemm", False):  # fused path: float32 out of the GEMM
+            weight = self.lm_head.weight.t()
+            if out is not None:
+                return torch.mm(hidden, weight, out_dtype=torch.float32, out=out)
+            return torch.mm(hidden, weight, out_dtype=torch.float32)
         if out is not None:
             return out.copy_(self.lm_head(hidden))
         return self.lm_head(hidden).float()

@@ -83,10 +83,19 @@ def _metadata(views, slots, page_size, max_levels, indices_on_device):
     )
 
 
-def test_graph_attention_replays_like_the_eager_backend():
+@pytest.mark.parametrize(
+    "backend,pieces,last_split", [("fa2", 1, None), ("fa2", 4, 200), ("fa3", 4, 200)]
+)
+def test_graph_attention_replays_like_the_eager_backend(backend, pieces, last_split):
+    """Graph replays (shared keys split by FlashInfer or cut into parts, FA2 or FA3 kernels
+    for the shared levels, the last level with or without split-KV) equal the eager backend
+    and the float32 reference."""
     hq, hk, d, ps, num_pages, b = 32, 8, 64, 16, 4000, 48
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device=DEV)
-    attn = DecodeGraphAttention(hq, hk, d, ps, torch.bfloat16, DEV, b, 3, num_pages, 0, workspace)
+    attn = DecodeGraphAttention(
+        hq, hk, d, ps, torch.bfloat16, DEV, b, 3, num_pages, 0, workspace,
+        shared_backend=backend, shared_pieces=pieces, last_split_tokens=last_split,
+    )  # fmt: skip
     torch.manual_seed(0)
     shape = (num_pages, ps, hk, d)
     k_cache = torch.randn(shape, device=DEV, dtype=torch.bfloat16)
@@ -96,9 +105,9 @@ def test_graph_attention_replays_like_the_eager_backend():
     v = torch.zeros_like(k)
     outs, graphs = {}, {}
     pool = torch.cuda.graph_pool_handle()
-    for num_shared in range(4):
-        attn.plan_dummy(num_shared)
-        out = outs[num_shared] = torch.zeros(b, hq, d, device=DEV, dtype=torch.bfloat16)
+    for key in [(n, split) for n in range(4) for split in attn.split_variants]:
+        attn.plan_dummy(*key)
+        out = outs[key] = torch.zeros(b, hq, d, device=DEV, dtype=torch.bfloat16)
 
         def forward(out=out):
             out.copy_(attn.forward(q, k, v, k_cache, v_cache))
@@ -108,8 +117,8 @@ def test_graph_attention_replays_like_the_eager_backend():
         with torch.cuda.stream(stream):
             forward()
         torch.cuda.current_stream().wait_stream(stream)
-        graphs[num_shared] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graphs[num_shared], pool=pool):
+        graphs[key] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[key], pool=pool):
             forward()
     eager = FlashInferAttention(hq, hk, d, ps, torch.bfloat16, DEV, max_levels=4)
     rng = random.Random(0)
@@ -121,7 +130,7 @@ def test_graph_attention_replays_like_the_eager_backend():
         meta = _metadata(views, slots, ps, max_levels, indices_on_device=step % 2 == 1)
         layout = attn.layout(meta)
         assert layout is not None, f"step {step} does not fit"
-        key = len(meta.levels) - 1
+        key = (len(meta.levels) - 1, layout.split)
         seen.add(key)
         q.normal_()
         k.normal_()
@@ -147,7 +156,8 @@ def test_graph_attention_replays_like_the_eager_backend():
         k_graph[0], k_cache[0] = 0, 0  # the scratch page
         assert torch.equal(k_graph, k_cache), f"step {step}: K written elsewhere than eagerly"
         torch.cuda.synchronize()  # plans write pinned buffers: the last replay has used them
-    assert seen == {0, 1, 2, 3}
+    assert {n for n, _ in seen} == {0, 1, 2, 3}
+    assert {split for _, split in seen} == set(attn.split_variants)
 
 
 def test_flashinfer_rows_without_keys():

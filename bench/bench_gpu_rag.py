@@ -12,7 +12,14 @@ process, same token ids:
 - Hugging Face `generate` at batch 1, 4 (HuggingFacePipeline's default) and 64;
 - the engine with chunk caching off;
 - the engine with chunk caching but plain decode (no cascade);
-- the full engine (chunk caching + cascade where it pays).
+- the full engine (chunk caching + cascade where it pays);
+- the full engine with reuse anywhere (`chunk_reuse="anywhere"`: a document's KV computed once
+  and reused at any position), recomputing the first 24 tokens (the default) or none of each
+  document placed away from where it was computed.
+
+`--order shuffled` gives each request its documents in a random order (a retriever's score
+order) instead of the canonical one, so exact prefix reuse shares little beyond the system
+prompt; `--no-hf` leaves out the Hugging Face rows (then there are no x HF columns).
 
 Each engine system is timed three times from a cold chunk cache (median reported).
 
@@ -47,8 +54,9 @@ QUESTION_TOKENS, NEW_TOKENS = 32, 64
 REPEATS = 3  # engine runs per system (median reported)
 
 
-def workload(vocab: int, seed: int = 0):
-    """(system ids, doc ids list, [(doc indices, question ids)]) with canonical doc order."""
+def workload(vocab: int, seed: int = 0, shuffled: bool = False):
+    """(system ids, doc ids list, [(doc indices, question ids)]), documents in canonical
+    order or (`shuffled`) in a random order per request."""
     rng = random.Random(seed)
 
     def ids(n):
@@ -58,7 +66,9 @@ def workload(vocab: int, seed: int = 0):
     docs = [ids(DOC_TOKENS) for _ in range(NUM_DOCS)]
     requests = []
     for _ in range(NUM_REQUESTS):
-        picked = sorted(rng.sample(range(NUM_DOCS), DOCS_PER_REQUEST))
+        picked = rng.sample(range(NUM_DOCS), DOCS_PER_REQUEST)
+        if not shuffled:
+            picked.sort()
         requests.append((picked, ids(QUESTION_TOKENS)))
     return system, docs, requests
 
@@ -119,12 +129,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", default="/tmp/cascade-rag-llama1b-peaked")
     parser.add_argument("--hf-batch1-requests", type=int, default=8)
+    parser.add_argument("--order", choices=("canonical", "shuffled"), default="canonical")
+    parser.add_argument("--no-hf", action="store_true", help="engine rows only")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
     model_dir = make_peaked_model_dir(args.model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to("cuda").eval()
-    system, docs, requests = workload(hf.config.vocab_size)
+    system, docs, requests = workload(hf.config.vocab_size, shuffled=args.order == "shuffled")
     all_ids = flat_ids(system, docs, requests)
     prompt_tokens = sum(len(x) for x in all_ids)
     run_hf(hf, all_ids[:2], 2)  # warm-up
@@ -141,12 +153,14 @@ def main() -> None:
                          same_tokens_as_hf_batch64=same))  # fmt: skip
 
     n1 = args.hf_batch1_requests
-    secs, _ = run_hf(hf, all_ids[:n1], 1)
-    add("HF generate, batch 1", secs, n1, sum(len(x) for x in all_ids[:n1]), None)
-    secs, _ = run_hf(hf, all_ids, 4)
-    add("HF generate, batch 4", secs, NUM_REQUESTS, prompt_tokens, None)
-    secs, ref64 = run_hf(hf, all_ids, 64)
-    add("HF generate, batch 64", secs, NUM_REQUESTS, prompt_tokens, None)
+    ref64 = None
+    if not args.no_hf:
+        secs, _ = run_hf(hf, all_ids[:n1], 1)
+        add("HF generate, batch 1", secs, n1, sum(len(x) for x in all_ids[:n1]), None)
+        secs, _ = run_hf(hf, all_ids, 4)
+        add("HF generate, batch 4", secs, NUM_REQUESTS, prompt_tokens, None)
+        secs, ref64 = run_hf(hf, all_ids, 64)
+        add("HF generate, batch 64", secs, NUM_REQUESTS, prompt_tokens, None)
     del hf
     torch.cuda.empty_cache()
 
@@ -155,23 +169,31 @@ def main() -> None:
         ("engine, chunk cache off", dict(enable_chunk_cache=False)),
         ("engine, chunk cache, plain decode", dict(cascade=False)),
         ("engine, chunk cache + cascade", dict()),
+        ("engine, reuse anywhere, recompute 24", dict(chunk_reuse="anywhere")),
+        ("engine, reuse anywhere, recompute 0", dict(chunk_reuse="anywhere", recompute_tokens=0)),
     ]:
         secs, outs, computed, steps = run_engine(model_dir, wl, **opts)
         add(name, secs, NUM_REQUESTS, computed, outs, ref64)
         rows[-1]["steps"] = steps
 
     base = {r["system"]: r["output_tokens_per_s"] for r in rows}
+    exact = base["engine, chunk cache + cascade"]
+    nan = float("nan")
     for r in rows:
-        r["x_hf_batch4"] = r["output_tokens_per_s"] / base["HF generate, batch 4"]
-        r["x_hf_batch64"] = r["output_tokens_per_s"] / base["HF generate, batch 64"]
-    write_json("rag.json", dict(rows=rows, prompt_tokens=prompt_tokens))
+        r["x_hf_batch4"] = r["output_tokens_per_s"] / base.get("HF generate, batch 4", nan)
+        r["x_hf_batch64"] = r["output_tokens_per_s"] / base.get("HF generate, batch 64", nan)
+        r["x_exact_reuse"] = r["output_tokens_per_s"] / exact
+    name = "rag.json" if args.order == "canonical" else f"rag_{args.order}.json"
+    write_json(name, dict(rows=rows, prompt_tokens=prompt_tokens, order=args.order))
     print(
         f"RAG end to end: {NUM_REQUESTS} requests x {len(all_ids[0])} prompt tokens "
         f"({SYSTEM_TOKENS} system + {DOCS_PER_REQUEST} of {NUM_DOCS} docs x {DOC_TOKENS} + "
         f"{QUESTION_TOKENS} question), {NEW_TOKENS} new tokens; Llama-3.2-1B shape, bf16"
     )
-    print("| system | s | output tok/s | prompt tokens computed | x HF b4 | x HF b64 | = HF b64 |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"document order: {args.order}")
+    print("| system | s | output tok/s | prompt tokens computed | x HF b4 | x HF b64 | x exact "
+          "reuse | = HF b64 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         same = (
             ""
@@ -180,7 +202,7 @@ def main() -> None:
         )
         print(f"| {r['system']} | {r['seconds']:.2f} | {r['output_tokens_per_s']:.0f} | "
               f"{r['prompt_tokens_computed']} | {r['x_hf_batch4']:.2f} | {r['x_hf_batch64']:.2f} | "
-              f"{same} |")  # fmt: skip
+              f"{r['x_exact_reuse']:.2f} | {same} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -44,17 +44,22 @@ NUM_REQUESTS, CONTEXT_TOKENS, QUESTION_TOKENS, NEW_TOKENS = 128, 8192, 32, 256
 
 
 def run(model_dir, vocab: int, graph: str = "", **options) -> dict:
-    rng = random.Random(0)
+    # graph attention objects are made on first use: the settings stay on for the whole run
     with graph_options(**parse_graph_options(graph)):
-        engine = CascadeEngine(
-            str(model_dir),
-            dtype="bfloat16",
-            device="cuda",
-            kv_cache_tokens=CONTEXT_TOKENS + NUM_REQUESTS * 320,
-            max_num_seqs=NUM_REQUESTS,
-            max_num_batched_tokens=16384,
-            **options,
-        )
+        return _run(model_dir, vocab, **options)
+
+
+def _run(model_dir, vocab: int, **options) -> dict:
+    rng = random.Random(0)
+    engine = CascadeEngine(
+        str(model_dir),
+        dtype="bfloat16",
+        device="cuda",
+        kv_cache_tokens=CONTEXT_TOKENS + NUM_REQUESTS * 320,
+        max_num_seqs=NUM_REQUESTS,
+        max_num_batched_tokens=16384,
+        **options,
+    )
     context = engine.register_token_chunk(
         [rng.randrange(10, vocab) for _ in range(CONTEXT_TOKENS)], ChunkType.SYSTEM_PROMPT
     )

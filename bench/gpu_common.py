@@ -140,8 +140,9 @@ def parse_graph_options(spec: str) -> dict:
 
 @contextmanager
 def graph_options(**options):
-    """Engines made inside the block build their decode graphs' attention with these keyword
-    arguments as defaults (to compare settings in one process)."""
+    """Decode-graph attention objects made inside the block (engines make them on first use,
+    so keep the block open while the engine runs) get these keyword arguments as defaults
+    (to compare settings in one process)."""
     from cascade_rag.attention.flashinfer_graph import DecodeGraphAttention
 
     init = DecodeGraphAttention.__init__

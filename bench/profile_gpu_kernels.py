@@ -40,14 +40,19 @@ STEPS, TOP = 8, 18
 
 
 def _profile(args, options: dict, modes) -> dict:
-    """Per-kernel GPU time per decode step for each mode, on an engine made with `options`."""
-    model_dir = make_model_dir("/tmp/cascade-rag-llama1b")
+    """Per-kernel GPU time per decode step for each mode, on an engine made with `options`
+    (graph attention objects are made on first use: the options stay on for the whole run)."""
     with graph_options(**options):
-        engine = CascadeEngine(
-            str(model_dir), dtype="bfloat16", device="cuda", max_num_seqs=args.batch,
-            kv_cache_tokens=args.context + args.batch * 16 * 16 + 4096,
-            max_num_batched_tokens=max(16384, args.context + 1024), max_cascade_levels=3,
-        )  # fmt: skip
+        return _profile_engine(args, options, modes)
+
+
+def _profile_engine(args, options: dict, modes) -> dict:
+    model_dir = make_model_dir("/tmp/cascade-rag-llama1b")
+    engine = CascadeEngine(
+        str(model_dir), dtype="bfloat16", device="cuda", max_num_seqs=args.batch,
+        kv_cache_tokens=args.context + args.batch * 16 * 16 + 4096,
+        max_num_batched_tokens=max(16384, args.context + 1024), max_cascade_levels=3,
+    )  # fmt: skip
     core = engine._core
     vocab = engine.model_config.vocab_size
     rng = random.Random(0)

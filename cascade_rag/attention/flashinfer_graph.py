@@ -164,6 +164,9 @@ class DecodeGraphAttention:
             docstring); 1: FlashInfer splits them itself; None: `default_shared_pieces`.
         last_split_tokens: a step whose longest last-level entry has at most this many tokens
             runs the last level without split-KV; None: always with it.
+        decode_tensor_cores: the last level runs FlashInfer's tensor-core (prefill) kernel
+            rather than its CUDA-core decode kernel; None: for GQA groups of 4 or more, as the
+            eager backend.
 
     Example:
         >>> attn = DecodeGraphAttention(32, 8, 64, 16, torch.bfloat16, "cuda", 48, 2,
@@ -190,6 +193,7 @@ class DecodeGraphAttention:
         shared_backend: str = "fa2",
         shared_pieces: int | None = 1,
         last_split_tokens: int | None = None,
+        decode_tensor_cores: bool | None = None,
     ) -> None:
         if num_pages * page_size >= 2**31:
             raise ValueError(
@@ -228,7 +232,7 @@ class DecodeGraphAttention:
                 workspace,
                 "NHD",
                 use_cuda_graph=True,
-                use_tensor_cores=group >= 4,  # as the eager backend
+                use_tensor_cores=group >= 4 if decode_tensor_cores is None else decode_tensor_cores,
                 paged_kv_indptr_buffer=self._decode_indptr,
                 paged_kv_indices_buffer=self._decode_indices,
                 paged_kv_last_page_len_buffer=self._decode_last_len,

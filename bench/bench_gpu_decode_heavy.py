@@ -10,7 +10,7 @@ shared context read once per step for the whole batch). Reports output tokens/s 
 three runs each) and the ratio.
 
     python bench/bench_gpu_decode_heavy.py   # writes $OUT/decode_heavy.json
-    python bench/bench_gpu_decode_heavy.py --variants "" shared_pieces=4,last_split_tokens=1024
+    python bench/bench_gpu_decode_heavy.py --variants "" shared_pieces=1,short_last_tokens=none
 
 `--variants`: decode-graph attention settings (`DecodeGraphAttention` keyword arguments, as in
 profile_gpu_kernels.py) for the cascade rows; plain decode runs with the first.

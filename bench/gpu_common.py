@@ -126,7 +126,7 @@ def gpu_ms_per_step(core, steps: int) -> float:
 
 
 def parse_graph_options(spec: str) -> dict:
-    """'shared_pieces=4,shared_backend=fa3,last_split_tokens=1024' -> keyword arguments of
+    """'shared_pieces=4,shared_backend=fa3,short_last_tokens=1024' -> keyword arguments of
     `DecodeGraphAttention` (ints where they parse, "none" -> None); '' -> {}."""
     options = {}
     for item in filter(None, spec.split(",")):

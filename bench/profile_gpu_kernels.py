@@ -7,7 +7,7 @@ mode; prints the kernels by total GPU time per step, so the gap between the GPU 
 memory floor (weights + KV read once) can be put on named kernels.
 
     python bench/profile_gpu_kernels.py [--batch 128 --context 8192]
-        [--variants "" shared_pieces=4,last_split_tokens=1024 shared_pieces=4,shared_backend=fa3]
+        [--variants "" shared_pieces=1,short_last_tokens=none shared_pieces=4,shared_backend=fa3]
 
 Each `--variants` entry builds an engine whose decode graphs use those `DecodeGraphAttention`
 settings; a table of GPU time by kernel kind (attention, merges, GEMMs, other) ends the output.
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument(
         "--variants", nargs="+", default=[""], help="decode-graph attention settings to compare, "
-        "each a comma list such as shared_pieces=4,shared_backend=fa3,last_split_tokens=1024 "
+        "each a comma list such as shared_pieces=4,shared_backend=fa3,short_last_tokens=1024 "
         "('' = the engine's defaults); plain decode is profiled with the first only",
     )  # fmt: skip
     parser.add_argument("--top", type=int, default=TOP)

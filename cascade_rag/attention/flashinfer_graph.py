@@ -7,11 +7,14 @@ of `batch_size` rows; a step of n <= batch_size sequences (one query row each) i
 
 - Last level: FlashInfer's paged decode wrapper created with `use_cuda_graph=True` over fixed
   `kv_indptr` / `kv_indices` / `kv_last_page_len` buffers. Padded rows read one slot of a
-  scratch page that no request owns. A graph-mode plan always splits the keys across CTAs and
-  merges the parts (one more kernel per layer). With `last_split_tokens` set, a step whose
-  longest last-level entry has at most that many tokens (cascade decode: only each request's
-  own tokens are left there) runs a second wrapper planned with split-KV off instead; which
-  wrapper a step uses is part of its graph (`DecodeLayout.split`).
+  scratch page that no request owns. Long last levels (plain decode) run FlashInfer's
+  tensor-core kernel for GQA groups of 4 or more, as the eager backend. A step whose longest
+  last-level entry has at most `short_last_tokens` tokens (cascade decode: only each request's
+  own tokens are left there) runs a second wrapper instead, by default the CUDA-core decode
+  kernel (H200, 128 rows of ~44 own tokens, Llama-3.2-1B shape: 161 us per step for 16 layers
+  against 474 us for the tensor-core kernel); which wrapper a step uses is part of its graph
+  (`DecodeLayout.short`). A graph-mode plan always splits keys across CTAs and merges the
+  parts, except the tensor-core kernel planned with split-KV off (`short_last_kernel="prefill"`).
 - Shared levels: paged prefill wrappers (not causal, docs/design.md rule 5) over a fixed number
   of entries, `shared_entry_capacity(batch_size, group_size)`: the step's entries (runs of
   entries without keys merged into one), then entries without rows; the padded rows [n,
@@ -26,7 +29,10 @@ of `batch_size` rows; a step of n <= batch_size sequences (one query row each) i
   the level's page list is permuted once per plan so that the parts' pages follow each
   other), planned with split-KV off; the parts' results are merged into the last level's one
   piece at a time, each with its own row mask. This also lets FlashInfer's Hopper kernels
-  ("fa3", which never split keys) run shared levels.
+  ("fa3", which never split keys) run shared levels. Measured on the H200 (128 rows over an
+  8K shared prefix, 16 layers, per step): FA2 with its own split 625 us of attention plus 185
+  us of merges; FA3 in 4 parts 552 us plus 113 us of in-place merges; FA2 in 4 parts 1,186 us
+  (so parts are used with FA3 only, on GPUs of compute capability 9).
 - New K/V: one `append_paged_kv_cache` call writes k and v, addressing the whole pool as a
   single page list (page i at index i) with each row's slot as its position; padded rows write
   the scratch slot.
@@ -76,17 +82,22 @@ def shared_entry_capacity(batch_size: int, group_size: int) -> int:
 
 
 def default_shared_pieces(
-    batch_size: int, group_size: int, num_kv_heads: int, num_sms: int, most: int = 8
+    batch_size: int, group_size: int, num_kv_heads: int, num_sms: int, most: int = 4
 ) -> int:
     """Parts a shared level's keys are cut into so that one shared entry over the whole bucket
     gives about one CTA per SM: its query tiles (128 packed rows each) x KV heads per part.
+
+    Each part costs one merge kernel per layer (about 1.8 us on the H200: 8 parts measured
+    slower than 4 at 128 rows), so a bucket that would need more than `most` parts is left to
+    FlashInfer's own split (1).
 
     Example:
         >>> default_shared_pieces(128, 4, 8, 132)  # H200: 4 tiles x 8 heads = 32 CTAs a part
         4
     """
     tiles = -(-batch_size * group_size // 128) * num_kv_heads
-    return max(1, min(most, num_sms // tiles))
+    pieces = max(1, num_sms // tiles)
+    return pieces if pieces <= most else 1
 
 
 def piece_bounds(num_pages: np.ndarray, pieces: int) -> np.ndarray:
@@ -127,7 +138,7 @@ class DecodeLayout:
     kv_indices: torch.Tensor  # last level's page ids, without the padded rows' pages
     kv_last_page_len: np.ndarray  # [batch_size] int32
     shared: list[_SharedPlan]
-    split: bool = True  # the last level runs the wrapper that splits keys across CTAs
+    short: bool = False  # the last level is short: it runs the short-level wrapper
 
 
 @dataclass
@@ -158,15 +169,16 @@ class DecodeGraphAttention:
             time, and each plan rewrites what its own graph reads).
         max_pages_per_seq: most pages one sequence's level holds (sizes the index buffers);
             None: `num_pages`.
-        shared_backend: FlashInfer prefill backend of the shared levels ("fa2", as the eager
-            backend: it splits long key ranges across CTAs; "fa3" needs `shared_pieces` > 1).
+        shared_backend: FlashInfer prefill backend of the shared levels ("fa2" splits long
+            key ranges across CTAs; "fa3" does not, so it needs `shared_pieces` > 1); None:
+            "fa3" where the shared levels are cut into parts, else "fa2".
         shared_pieces: parts each shared entry's keys are cut into (see the module
-            docstring); 1: FlashInfer splits them itself; None: `default_shared_pieces`.
-        last_split_tokens: a step whose longest last-level entry has at most this many tokens
-            runs the last level without split-KV; None: always with it.
-        decode_tensor_cores: the last level runs FlashInfer's tensor-core (prefill) kernel
-            rather than its CUDA-core decode kernel; None: for GQA groups of 4 or more, as the
-            eager backend.
+            docstring); 1: FlashInfer splits them itself; None: `default_shared_pieces` on a
+            GPU of compute capability 9 or more, else 1.
+        short_last_tokens: a step whose longest last-level entry has at most this many tokens
+            runs the short-level wrapper; None: every step runs the long-level one.
+        short_last_kernel: the short-level wrapper's kernel: "decode" (CUDA cores) or
+            "prefill" (tensor cores, split-KV off).
 
     Example:
         >>> attn = DecodeGraphAttention(32, 8, 64, 16, torch.bfloat16, "cuda", 48, 2,
@@ -190,10 +202,10 @@ class DecodeGraphAttention:
         scratch_page: int,
         workspace: torch.Tensor,
         max_pages_per_seq: int | None = None,
-        shared_backend: str = "fa2",
-        shared_pieces: int | None = 1,
-        last_split_tokens: int | None = None,
-        decode_tensor_cores: bool | None = None,
+        shared_backend: str | None = None,
+        shared_pieces: int | None = None,
+        short_last_tokens: int | None = 512,
+        short_last_kernel: str = "decode",
     ) -> None:
         if num_pages * page_size >= 2**31:
             raise ValueError(
@@ -211,13 +223,22 @@ class DecodeGraphAttention:
         self.scratch_slot = scratch_page * page_size
         group = num_qo_heads // num_kv_heads
         if shared_pieces is None:
-            on_cuda = self.device.type == "cuda"
-            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            shared_pieces = default_shared_pieces(b, group, num_kv_heads, sms) if on_cuda else 1
+            shared_pieces = 1
+            if self.device.type == "cuda":
+                props = torch.cuda.get_device_properties(self.device)
+                if props.major >= 9:
+                    sms = props.multi_processor_count
+                    shared_pieces = default_shared_pieces(b, group, num_kv_heads, sms)
         if shared_pieces < 1:
             raise ValueError(f"shared_pieces={shared_pieces} is not a positive number of parts")
+        if short_last_kernel not in ("decode", "prefill"):
+            raise ValueError(f"short_last_kernel={short_last_kernel!r}: 'decode' or 'prefill'")
+        if shared_backend is None:
+            shared_backend = "fa3" if shared_pieces > 1 else "fa2"
         self.pieces = p = shared_pieces
-        self.last_split_tokens = last_split_tokens
+        self.shared_backend = shared_backend
+        self.short_last_tokens = short_last_tokens
+        self._short_no_split = short_last_kernel == "prefill"
         self.max_shared_entries = shared_entry_capacity(b, group)
         per_seq = min(max_pages_per_seq or num_pages, num_pages)
         self.max_indices = b * per_seq + b  # + one scratch page per padded row
@@ -225,19 +246,20 @@ class DecodeGraphAttention:
         self._decode_indptr = torch.zeros(b + 1, **i32)
         self._decode_indices = torch.zeros(self.max_indices, **i32)
         self._decode_last_len = torch.zeros(b, **i32)
-        # True: the wrapper that splits keys; False (made only with last_split_tokens): the one
-        # that does not. Both read the same buffers; a step plans and runs one of them.
+        # False: the long-level wrapper; True (made only with short_last_tokens): the short one.
+        # Both read the same buffers; a step plans and runs one of them.
+        tensor_cores = {False: group >= 4, True: short_last_kernel == "prefill"}
         self._decodes = {
-            split: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            short: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 workspace,
                 "NHD",
                 use_cuda_graph=True,
-                use_tensor_cores=group >= 4 if decode_tensor_cores is None else decode_tensor_cores,
+                use_tensor_cores=tensor_cores[short],
                 paged_kv_indptr_buffer=self._decode_indptr,
                 paged_kv_indices_buffer=self._decode_indices,
                 paged_kv_last_page_len_buffer=self._decode_last_len,
             )
-            for split in ((True,) if last_split_tokens is None else (True, False))
+            for short in ((False,) if short_last_tokens is None else (False, True))
         }
         # outputs in static buffers: no allocation (or zero fill) inside a graph
         self._out = torch.empty(b, num_qo_heads, head_dim, dtype=dtype, device=self.device)
@@ -275,7 +297,7 @@ class DecodeGraphAttention:
         self.slots = torch.full((b,), self.scratch_slot, **i32)  # [batch_size] where K/V go
         self._scratch_from = 0  # slots[i] is the scratch slot for every i >= this
         self.num_shared = 0  # shared levels `forward` runs (fixed within a captured graph)
-        self.split = True  # which last-level wrapper `forward` runs (fixed within a graph)
+        self.short = False  # which last-level wrapper `forward` runs (fixed within a graph)
         self.num_plans = 0  # steps planned
         self.num_shared_plans = 0  # shared-level wrapper plans (reused plans not counted)
 
@@ -284,8 +306,8 @@ class DecodeGraphAttention:
         return len(self._shared)
 
     @property
-    def split_variants(self) -> tuple[bool, ...]:
-        """The values `DecodeLayout.split` takes in this bucket (each needs its own graph)."""
+    def last_variants(self) -> tuple[bool, ...]:
+        """The values `DecodeLayout.short` takes in this bucket (each needs its own graph)."""
         return tuple(self._decodes)
 
     # ---- once per step (host) ------------------------------------------------------------
@@ -313,10 +335,10 @@ class DecodeGraphAttention:
             return None
         kv_indptr = np.concatenate([indptr, indptr[-1] + np.arange(1, pad + 1)])
         own_last = _host(last.kv_last_page_len)
-        split = True
-        if self.last_split_tokens is not None:
+        short = False
+        if self.short_last_tokens is not None:
             longest = int(((indptr[1:] - indptr[:-1] - 1) * self.page_size + own_last).max())
-            split = longest > self.last_split_tokens
+            short = longest <= self.short_last_tokens
         last_len = np.concatenate([own_last, np.ones(pad, np.int64)])
         shared = []
         for j, level in enumerate(levels[:-1]):
@@ -329,7 +351,7 @@ class DecodeGraphAttention:
             shared.append(plan)
         return DecodeLayout(
             n, kv_indptr.astype(np.int32), last.kv_indices, last_len.astype(np.int32), shared,
-            split,
+            short,
         )  # fmt: skip
 
     def _shared_layout(self, level: CascadeLevel, n: int) -> _SharedPlan | None:
@@ -402,7 +424,7 @@ class DecodeGraphAttention:
             self.set_slots(metadata.slot_mapping, metadata.num_tokens)
         common = dict(pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype)
         pad = self.batch_size - layout.num_rows
-        self._decodes[layout.split].plan(
+        self._decodes[layout.short].plan(
             torch.from_numpy(layout.kv_indptr),
             layout.kv_indices,  # host or device: the plan copies them into the buffer
             torch.from_numpy(layout.kv_last_page_len),
@@ -410,7 +432,7 @@ class DecodeGraphAttention:
             self.num_kv_heads,
             self.head_dim,
             self.page_size,
-            disable_split_kv=not layout.split,
+            disable_split_kv=layout.short and self._short_no_split,
             **common,
         )
         if pad:  # the padded rows' scratch pages follow the real page lists
@@ -438,12 +460,13 @@ class DecodeGraphAttention:
             )
             level.mask.copy_(torch.from_numpy(plan.mask), non_blocking=True)
         self.num_shared = len(layout.shared)
-        self.split = layout.split
+        self.short = layout.short
         self.num_plans += 1
 
-    def plan_dummy(self, num_shared: int, split: bool = True) -> None:
+    def plan_dummy(self, num_shared: int, short: bool = False) -> None:
         """Plan a step in which every row is padding (for capturing: all reads and writes go
-        to the scratch page), with `num_shared` shared levels and the last level's `split`."""
+        to the scratch page), with `num_shared` shared levels and the `short` last level's
+        wrapper or the long one."""
         b, e = self.batch_size, self.max_shared_entries * self.pieces
         rows = b * self.pieces
         scratch = torch.full((b,), self.scratch_page, dtype=torch.int64)
@@ -458,7 +481,7 @@ class DecodeGraphAttention:
             lens[0] = 1
             mask = np.zeros((self.pieces, b), bool)
             shared.append(_SharedPlan(qo, kv, scratch[:1], lens, mask))
-        layout = DecodeLayout(b, np.arange(b + 1, dtype=np.int32), scratch, ones, shared, split)
+        layout = DecodeLayout(b, np.arange(b + 1, dtype=np.int32), scratch, ones, shared, short)
         self.plan(layout)
         self.set_slots(None, 0)
 
@@ -492,7 +515,7 @@ class DecodeGraphAttention:
             self._append_indptr,
             self._append_last_len,
         )
-        decode = self._decodes[self.split]
+        decode = self._decodes[self.short]
         if not self.num_shared:
             return decode.run(q, kv_cache, out=self._out)
         out, lse = decode.run(q, kv_cache, out=self._out, lse=self._lse, return_lse=True)

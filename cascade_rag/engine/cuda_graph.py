@@ -127,7 +127,7 @@ class DecodeGraphRunner:
             self._logits = torch.zeros(b, model.config.vocab_size, device=self.device)
         self._staged: torch.cuda.Event | None = None
         self._attention: dict[int, object] = {}
-        self._graphs: dict[tuple[int, int, bool], object] = {}  # (rows, shared levels, split)
+        self._graphs: dict[tuple[int, int, bool], object] = {}  # (rows, shared levels, short)
         self._pending: tuple[AttentionMetadata, int, object] | None = None
         self.num_replays = 0
         self.num_captures = 0
@@ -184,7 +184,7 @@ class DecodeGraphRunner:
         self._pending = None
         n = metadata.num_tokens
         attn = self._attention[size]
-        key = (size, len(layout.shared), layout.split)
+        key = (size, len(layout.shared), layout.short)
         if key not in self._graphs:
             self._capture(*key)
         attn.plan(layout)
@@ -228,9 +228,9 @@ class DecodeGraphRunner:
         return attn
 
     @torch.inference_mode()
-    def _capture(self, size: int, num_shared: int, split: bool = True) -> None:
+    def _capture(self, size: int, num_shared: int, short: bool = False) -> None:
         attn = self._bucket_attention(size)
-        attn.plan_dummy(num_shared, split)  # every row reads and writes the scratch page
+        attn.plan_dummy(num_shared, short)  # every row reads and writes the scratch page
         ids, positions = self._inputs[0, :size], self._inputs[1, :size]
         logits = self._logits[:size]
         kv_caches = self.pool.kv_caches
@@ -241,21 +241,21 @@ class DecodeGraphRunner:
 
         graph = self._graph_factory(self._mempool)
         graph.capture(forward)
-        self._graphs[(size, num_shared, split)] = graph
+        self._graphs[(size, num_shared, short)] = graph
         self.num_captures += 1
         logger.debug(
-            "captured the decode graph of %d rows, %d shared levels, split=%s",
-            size, num_shared, split,
+            "captured the decode graph of %d rows, %d shared levels, short last level %s",
+            size, num_shared, short,
         )  # fmt: skip
 
     def capture_all(self) -> None:
-        """Capture every bucket, number of shared levels and last-level split now, largest
+        """Capture every bucket, number of shared levels and last-level wrapper now, largest
         bucket first."""
         for size in reversed(self.buckets):
             for num_shared in range(self.max_shared_levels + 1):
-                for split in self._bucket_attention(size).split_variants:
-                    if (size, num_shared, split) not in self._graphs:
-                        self._capture(size, num_shared, split)
+                for short in self._bucket_attention(size).last_variants:
+                    if (size, num_shared, short) not in self._graphs:
+                        self._capture(size, num_shared, short)
 
 
 def _is_identity(rows, n: int) -> bool:

@@ -84,17 +84,19 @@ def _metadata(views, slots, page_size, max_levels, indices_on_device):
 
 
 @pytest.mark.parametrize(
-    "backend,pieces,last_split", [("fa2", 1, None), ("fa2", 4, 200), ("fa3", 4, 200)]
+    "backend,pieces,short,kernel",
+    [("fa2", 1, None, "decode"), ("fa2", 4, 200, "prefill"), ("fa3", 4, 200, "decode")],
 )
-def test_graph_attention_replays_like_the_eager_backend(backend, pieces, last_split):
+def test_graph_attention_replays_like_the_eager_backend(backend, pieces, short, kernel):
     """Graph replays (shared keys split by FlashInfer or cut into parts, FA2 or FA3 kernels
-    for the shared levels, the last level with or without split-KV) equal the eager backend
-    and the float32 reference."""
+    for the shared levels, short last levels on the CUDA-core decode kernel or the tensor-core
+    one without split-KV) equal the eager backend and the float32 reference."""
     hq, hk, d, ps, num_pages, b = 32, 8, 64, 16, 4000, 48
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device=DEV)
     attn = DecodeGraphAttention(
         hq, hk, d, ps, torch.bfloat16, DEV, b, 3, num_pages, 0, workspace,
-        shared_backend=backend, shared_pieces=pieces, last_split_tokens=last_split,
+        shared_backend=backend, shared_pieces=pieces, short_last_tokens=short,
+        short_last_kernel=kernel,
     )  # fmt: skip
     torch.manual_seed(0)
     shape = (num_pages, ps, hk, d)
@@ -105,7 +107,7 @@ def test_graph_attention_replays_like_the_eager_backend(backend, pieces, last_sp
     v = torch.zeros_like(k)
     outs, graphs = {}, {}
     pool = torch.cuda.graph_pool_handle()
-    for key in [(n, split) for n in range(4) for split in attn.split_variants]:
+    for key in [(n, short) for n in range(4) for short in attn.last_variants]:
         attn.plan_dummy(*key)
         out = outs[key] = torch.zeros(b, hq, d, device=DEV, dtype=torch.bfloat16)
 
@@ -130,7 +132,7 @@ def test_graph_attention_replays_like_the_eager_backend(backend, pieces, last_sp
         meta = _metadata(views, slots, ps, max_levels, indices_on_device=step % 2 == 1)
         layout = attn.layout(meta)
         assert layout is not None, f"step {step} does not fit"
-        key = (len(meta.levels) - 1, layout.split)
+        key = (len(meta.levels) - 1, layout.short)
         seen.add(key)
         q.normal_()
         k.normal_()
@@ -157,7 +159,7 @@ def test_graph_attention_replays_like_the_eager_backend(backend, pieces, last_sp
         assert torch.equal(k_graph, k_cache), f"step {step}: K written elsewhere than eagerly"
         torch.cuda.synchronize()  # plans write pinned buffers: the last replay has used them
     assert {n for n, _ in seen} == {0, 1, 2, 3}
-    assert {split for _, split in seen} == set(attn.split_variants)
+    assert {short for _, short in seen} == set(attn.last_variants)
 
 
 def test_flashinfer_rows_without_keys():

@@ -52,10 +52,8 @@ def main() -> None:
     speeds = [heavy["plain"]["output_tokens_per_s"], heavy["cascade"]["output_tokens_per_s"]]
     ax.bar(["plain decode", "cascade decode"], speeds)
     ax.set_ylabel("output tokens/s")
-    ax.set_title(
-        f"decode-heavy: 128 x 8K shared "
-        f"({heavy['cascade_x_plain']:.2f}x, {heavy.get('gpu', 'GPU')})"
-    )
+    ratio = speeds[1] / speeds[0]
+    ax.set_title(f"decode-heavy: 128 x 8K shared ({ratio:.2f}x, {heavy.get('gpu', 'GPU')})")
 
     fig.suptitle("cascade-rag on the GPU (bf16, random weights)")
     fig.tight_layout()

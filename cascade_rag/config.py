@@ -68,6 +68,14 @@ class EngineConfig:
             to the next captured size); None: `max_num_seqs`.
         cuda_graph_capture: "lazy" captures a graph on its first use, "warm" captures all of
             them when the engine starts (slower start, no capture pauses while serving).
+        cuda_graph_shared_pieces: parts a shared cascade level's keys are cut into inside the
+            graphs, each read by FlashInfer's Hopper (FA3) kernel and merged (1..64); 1 leaves
+            the split to FlashInfer's FA2 kernel; None: chosen per batch bucket on GPUs of
+            compute capability 9 or more (`flashinfer_graph.default_shared_pieces`), else 1.
+        cuda_graph_short_last_tokens: a graph step whose requests each have at most this many
+            tokens of their own beyond the shared levels runs FlashInfer's CUDA-core decode
+            kernel for them (faster there on the H200 than the tensor-core kernel that long
+            ones use); None: always the tensor-core kernel.
         overlap: prepare and launch each step before reading the previous step's sampled
             tokens, so host work runs while the device computes (one step of lookahead;
             outputs are the same). None: the engine's default for the device
@@ -108,6 +116,8 @@ class EngineConfig:
     cuda_graphs: bool = True
     cuda_graph_max_batch: int | None = None
     cuda_graph_capture: str = "lazy"
+    cuda_graph_shared_pieces: int | None = None
+    cuda_graph_short_last_tokens: int | None = 512
     overlap: bool | None = None
 
     def __post_init__(self) -> None:
@@ -167,6 +177,10 @@ class EngineConfig:
         if self.cuda_graph_max_batch is not None:
             _int_in("cuda_graph_max_batch", self.cuda_graph_max_batch, 1, 1 << 16)
         _choice("cuda_graph_capture", self.cuda_graph_capture, _GRAPH_CAPTURE)
+        if self.cuda_graph_shared_pieces is not None:
+            _int_in("cuda_graph_shared_pieces", self.cuda_graph_shared_pieces, 1, 64)
+        if self.cuda_graph_short_last_tokens is not None:
+            _int_in("cuda_graph_short_last_tokens", self.cuda_graph_short_last_tokens, 0, 1 << 20)
         if self.overlap is not None and not isinstance(self.overlap, bool):
             raise TypeError(f"overlap must be True, False or None, got {self.overlap!r}")
         if self.cascade and self.max_cascade_levels < 2:

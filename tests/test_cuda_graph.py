@@ -372,3 +372,10 @@ def test_config_fields():
         EngineConfig(cuda_graph_max_batch=0)
     with pytest.raises(ValueError, match="cuda_graph_capture"):
         EngineConfig(cuda_graph_capture="eager")
+    config = EngineConfig(cuda_graph_shared_pieces=4, cuda_graph_short_last_tokens=None)
+    assert (config.cuda_graph_shared_pieces, config.cuda_graph_short_last_tokens) == (4, None)
+    assert EngineConfig().cuda_graph_short_last_tokens == 512
+    with pytest.raises(ValueError, match="cuda_graph_shared_pieces"):
+        EngineConfig(cuda_graph_shared_pieces=0)
+    with pytest.raises(TypeError, match="cuda_graph_short_last_tokens"):
+        EngineConfig(cuda_graph_short_last_tokens="512")

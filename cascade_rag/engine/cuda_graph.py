@@ -304,7 +304,8 @@ def make_decode_graphs(config, runner) -> DecodeGraphRunner | None:
         return DecodeGraphAttention(
             mc.num_qo_heads, mc.num_kv_heads, mc.head_dim, pool.page_size, dtype, device,
             batch_size, max(config.levels - 1, 0), pool.num_pages, scratch_page, workspace,
-            max_pages_per_seq=max_pages_per_seq,
+            max_pages_per_seq=max_pages_per_seq, shared_pieces=config.cuda_graph_shared_pieces,
+            short_last_tokens=config.cuda_graph_short_last_tokens,
         )  # fmt: skip
 
     return DecodeGraphRunner(

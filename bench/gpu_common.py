@@ -141,14 +141,14 @@ def parse_graph_options(spec: str) -> dict:
 @contextmanager
 def graph_options(**options):
     """Decode-graph attention objects made inside the block (engines make them on first use,
-    so keep the block open while the engine runs) get these keyword arguments as defaults
-    (to compare settings in one process)."""
+    so keep the block open while the engine runs) get these keyword arguments, in place of
+    what the engine passes (its `cuda_graph_*` options), to compare settings in one process."""
     from cascade_rag.attention.flashinfer_graph import DecodeGraphAttention
 
     init = DecodeGraphAttention.__init__
 
     def with_options(self, *args, **kwargs):
-        init(self, *args, **{**options, **kwargs})
+        init(self, *args, **{**kwargs, **options})
 
     DecodeGraphAttention.__init__ = with_options
     try:

@@ -12,7 +12,8 @@ of `batch_size` rows; a step of n <= batch_size sequences (one query row each) i
   last-level entry has at most `short_last_tokens` tokens (cascade decode: only each request's
   own tokens are left there) runs a second wrapper instead, by default the CUDA-core decode
   kernel (H200, 128 rows of ~44 own tokens, Llama-3.2-1B shape: 161 us per step for 16 layers
-  against 474 us for the tensor-core kernel); which wrapper a step uses is part of its graph
+  against 474 us for the tensor-core kernel, each plus its split-KV merge of about 75 us);
+  which wrapper a step uses is part of its graph
   (`DecodeLayout.short`). A graph-mode plan always splits keys across CTAs and merges the
   parts, except the tensor-core kernel planned with split-KV off (`short_last_kernel="prefill"`).
 - Shared levels: paged prefill wrappers (not causal, docs/design.md rule 5) over a fixed number
@@ -30,9 +31,9 @@ of `batch_size` rows; a step of n <= batch_size sequences (one query row each) i
   other), planned with split-KV off; the parts' results are merged into the last level's one
   piece at a time, each with its own row mask. This also lets FlashInfer's Hopper kernels
   ("fa3", which never split keys) run shared levels. Measured on the H200 (128 rows over an
-  8K shared prefix, 16 layers, per step): FA2 with its own split 625 us of attention plus 185
-  us of merges; FA3 in 4 parts 552 us plus 113 us of in-place merges; FA2 in 4 parts 1,186 us
-  (so parts are used with FA3 only, on GPUs of compute capability 9).
+  8K shared prefix, 16 layers, per step): FA2 with its own split 633 us of attention plus 296
+  us for its split-KV merge; FA3 in 4 parts 552 us plus 113 us of in-place merges; FA2 in 4
+  parts 1,186 us (so parts default to FA3, on GPUs of compute capability 9 or more).
 - New K/V: one `append_paged_kv_cache` call writes k and v, addressing the whole pool as a
   single page list (page i at index i) with each row's slot as its position; padded rows write
   the scratch slot.
@@ -171,7 +172,8 @@ class DecodeGraphAttention:
             None: `num_pages`.
         shared_backend: FlashInfer prefill backend of the shared levels ("fa2" splits long
             key ranges across CTAs; "fa3" does not, so it needs `shared_pieces` > 1); None:
-            "fa3" where the shared levels are cut into parts, else "fa2".
+            "fa3" where the shared levels are cut into parts on a GPU of compute capability 9
+            or more, else "fa2".
         shared_pieces: parts each shared entry's keys are cut into (see the module
             docstring); 1: FlashInfer splits them itself; None: `default_shared_pieces` on a
             GPU of compute capability 9 or more, else 1.
@@ -222,21 +224,22 @@ class DecodeGraphAttention:
         self.scratch_page = scratch_page
         self.scratch_slot = scratch_page * page_size
         group = num_qo_heads // num_kv_heads
+        props = None
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+        hopper = props is not None and props.major >= 9  # FlashInfer's FA3 kernels run there
         if shared_pieces is None:
             shared_pieces = 1
-            if self.device.type == "cuda":
-                props = torch.cuda.get_device_properties(self.device)
-                if props.major >= 9:
-                    sms = props.multi_processor_count
-                    shared_pieces = default_shared_pieces(b, group, num_kv_heads, sms)
+            if hopper:
+                sms = props.multi_processor_count
+                shared_pieces = default_shared_pieces(b, group, num_kv_heads, sms)
         if shared_pieces < 1:
             raise ValueError(f"shared_pieces={shared_pieces} is not a positive number of parts")
         if short_last_kernel not in ("decode", "prefill"):
             raise ValueError(f"short_last_kernel={short_last_kernel!r}: 'decode' or 'prefill'")
         if shared_backend is None:
-            shared_backend = "fa3" if shared_pieces > 1 else "fa2"
+            shared_backend = "fa3" if shared_pieces > 1 and hopper else "fa2"
         self.pieces = p = shared_pieces
-        self.shared_backend = shared_backend
         self.short_last_tokens = short_last_tokens
         self._short_no_split = short_last_kernel == "prefill"
         self.max_shared_entries = shared_entry_capacity(b, group)
@@ -264,8 +267,11 @@ class DecodeGraphAttention:
         # outputs in static buffers: no allocation (or zero fill) inside a graph
         self._out = torch.empty(b, num_qo_heads, head_dim, dtype=dtype, device=self.device)
         self._lse = torch.empty(b, num_qo_heads, dtype=torch.float32, device=self.device)
-        # the query rows repeated once per part (pieces > 1 only)
-        self._q_rep = torch.empty(p * b, num_qo_heads, head_dim, dtype=dtype, device=self.device)
+        # the query rows repeated once per part
+        self._q_rep = None
+        if p > 1:
+            shape = (p * b, num_qo_heads, head_dim)
+            self._q_rep = torch.empty(shape, dtype=dtype, device=self.device)
         e = self.max_shared_entries * p
         self._shared: list[_SharedLevel] = []
         for _ in range(max_shared_levels):

@@ -70,8 +70,8 @@ class Capture:
         core._sample = self.sample
         self._last: list = []
 
-    def run(self, batch):
-        logits = self._run(batch)
+    def run(self, batch, rows=None):
+        logits = self._run(batch, rows)
         self._last = [e.seq.seq_id for e in batch]
         for sid, row in zip(self._last, logits):
             # float32 rows: ~200 KB each over this vocabulary, 2 x 144 x 40 of them

@@ -76,9 +76,9 @@ class StepTimer:
         self._prefill: bool | None = None
         runner_run = core.runner.run
 
-        def run_recording(batch):  # a step computing any prompt row counts as prefill
+        def run_recording(batch, rows=None):  # a step computing a prompt row is a prefill
             self._prefill = any(e.qo_len > 1 or e.num_extra_rows for e in batch)
-            return runner_run(batch)
+            return runner_run(batch, rows)
 
         core.runner.run = run_recording
 

@@ -5,11 +5,12 @@ shape, random bf16 weights); after admission and prefill, 30 decode steps are pr
 calling thread, with plain decode and with cascade. Prints the milliseconds per step and the
 top functions by own time (CUDA launches show up as the Python calls that make them).
 
-    python bench/profile_gpu_step.py
+    python bench/profile_gpu_step.py [--top 14] [--cumulative 40] [--cascade-only]
 """
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import pstats
 import random
@@ -27,7 +28,9 @@ from cascade_rag.llm import CascadeEngine  # noqa: E402
 from cascade_rag.sampling import SamplingParams  # noqa: E402
 
 
-def profile(model_dir: Path, steps: int = 30, **options) -> None:
+def profile(
+    model_dir: Path, steps: int = 30, top: int = 14, cumulative: int = 0, **options
+) -> None:
     rng = random.Random(0)
     engine = CascadeEngine(
         str(model_dir), dtype="bfloat16", device="cuda", kv_cache_tokens=8192 + 128 * 320,
@@ -51,14 +54,24 @@ def profile(model_dir: Path, steps: int = 30, **options) -> None:
             core.step()
         prof.disable()
     print(f"\n{options}: {t.seconds / steps * 1000:.2f} ms per decode step")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(top)
+    if cumulative:
+        stats.sort_stats("cumulative").print_stats(cumulative)
     engine.close()
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--top", type=int, default=14, help="functions by own time")
+    parser.add_argument("--cumulative", type=int, default=0, help="functions by cumulative time")
+    parser.add_argument("--cascade-only", action="store_true")
+    args = parser.parse_args()
     model_dir = make_model_dir("/tmp/cascade-rag-llama1b")
-    profile(model_dir, cascade=False)
-    profile(model_dir)
+    shown = dict(top=args.top, cumulative=args.cumulative)
+    if not args.cascade_only:
+        profile(model_dir, cascade=False, **shown)
+    profile(model_dir, **shown)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_PagedWrapper):
     ):
         assert kv_layout == "NHD"
         self._graph = use_cuda_graph
+        self._tensor_cores = use_tensor_cores
         if use_cuda_graph:
             self._fixed = len(paged_kv_last_page_len_buffer)
             assert len(paged_kv_indptr_buffer) == self._fixed + 1
@@ -107,11 +108,19 @@ class BatchDecodeWithPagedKVCacheWrapper(_PagedWrapper):
         self._indices = self._store("indices", indices, self._bufs[1])
         self._last = self._store("last_page_len", last_page_len, self._bufs[2])
         self._batch, self._page_size = batch, page_size
+        # what FlashInfer's plan partitions the work by: the page counts for the CUDA-core
+        # decode kernel, the lengths as well for the tensor-core one (a prefill plan)
+        self._planned = (self._indptr.clone(), self._last.clone())
         self.num_plans += 1
 
     def run(self, q, paged_kv_cache, out=None, lse=None, return_lse=False):
         if q.shape[0] != self._batch:
             raise ValueError(f"q has {q.shape[0]} rows, plan {self._batch}")
+        indptr, last = self._planned
+        if not torch.equal(self._indptr, indptr) or (
+            self._tensor_cores and not torch.equal(self._last, last)
+        ):
+            raise AssertionError("the buffers no longer hold what the wrapper was planned for")
         outs, lses = [], []
         for i in range(self._batch):
             keys, values = self._pages(paged_kv_cache, self._indptr, self._indices, self._last, i)

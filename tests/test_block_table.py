@@ -126,8 +126,8 @@ def _driver(page_size: int, num_pages: int, levels: int, min_shared: int = 0):
     return registry, sched, fast, ref
 
 
-def _same(fast, ref, batch) -> None:
-    a, b = fast.prepare(batch), ref.prepare(batch)
+def _same(fast, ref, batch, rows=None) -> None:
+    a, b = fast.prepare(batch, rows), ref.prepare(batch)
     assert a.order.tolist() == b.order.tolist()
     assert a.metadata.slot_mapping.tolist() == b.metadata.slot_mapping.tolist()
     assert a.input_ids.tolist() == b.input_ids.tolist()
@@ -156,12 +156,20 @@ def test_decode_steps_reuse_the_cascade_structure(levels):
         seqs.append(seq)
     layout = fast.batch_layout
     shared_ids = None
+    last_counts, kept = None, 0
     for step in range(12):
         if step == 8:  # one finishes: the next step plans again
             sched.release(seqs[1])
         plan = sched.schedule()
-        replans = layout.num_replans
-        inputs = _same(fast, ref, plan.scheduled)
+        assert (plan.all_decode_rows is not None) == (step > 0), "decode entries made at once"
+        replans, gathers = layout.num_replans, layout.num_page_gathers
+        inputs = _same(fast, ref, plan.scheduled, plan.all_decode_rows)
+        counts = inputs.metadata.levels[-1].kv_indptr.tolist()
+        if layout.num_replans == replans and counts == last_counts:
+            # no re-plan and no page opened: the last level's page ids are kept as they were
+            assert layout.num_page_gathers == gathers, f"step {step} gathered pages again"
+            kept += 1
+        last_counts = counts
         if step in (0, 1, 8):  # admission, first decode (query rows change), a finish
             assert layout.num_replans == replans + 1, f"step {step} must re-plan"
             shared_ids = [id(lv) for lv in inputs.metadata.levels[:-1]]
@@ -173,6 +181,7 @@ def test_decode_steps_reuse_the_cascade_structure(levels):
         sched.finish_step(plan, failed=False)
         for e in plan.scheduled:
             e.seq.token_ids.append(rng.randrange(1000))
+    assert kept >= 2, "some decode steps open no page"
 
 
 # ---- the FlashInfer backend's plan over these steps (stand-in kernels) ---------------------

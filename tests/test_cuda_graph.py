@@ -179,6 +179,61 @@ def test_graph_attention_matches_torch_backend(graph_attention, page_size, piece
     assert kinds == ({False} if short is None else {True, False})
 
 
+@pytest.mark.parametrize("short", [64, None])
+def test_last_level_plan_is_kept_while_page_counts_stay(graph_attention, short):
+    """The CUDA-core last level (short) is planned again only when a step's page counts
+    differ from its last plan; the steps between (longer last pages; the same page ids
+    handed again as the same tensor; other page ids with the same counts) copy what moved
+    into the buffers and match the PyTorch backend. The tensor-core level (long) is planned
+    every step (its plan reads the lengths too). The stand-in wrappers fail a run whose
+    buffers no longer hold what they were planned for."""
+    from cascade_rag.attention.metadata import CascadeLevel
+
+    page_size, num_pages, n = 4, 400, 6
+    attn = graph_attention.DecodeGraphAttention(
+        HQ, HK, D, page_size, torch.float32, "cpu", 8, 1, num_pages, 0, torch.empty(0),
+        short_last_tokens=short,
+    )  # fmt: skip
+    rng = random.Random(5)
+    free = iter(rng.sample(range(1, num_pages), num_pages - 1))
+    tables = [[next(free)] for _ in range(n)]
+    kv_len = 1
+    kept_indices = None
+    for step in range(12):
+        if step == 6:  # other sequences with the same page counts (kv_len 7: 2 pages each)
+            tables = [[next(free) for _ in t] for t in tables]
+        views = [SeqView(t, kv_len, 1) for t in tables]
+        pos = kv_len - 1
+        slots = [t[pos // page_size] * page_size + pos % page_size for t in tables]
+        meta = _metadata(views, slots, page_size, 1)
+        if step == 7:  # the same page ids as the same tensor (what BatchLayout hands then)
+            last = meta.levels[-1]
+            meta.levels[-1] = CascadeLevel(
+                last.qo_indptr, last.kv_indptr, kept_indices, last.kv_last_page_len, True
+            )
+        kept_indices = meta.levels[-1].kv_indices
+        layout = attn.layout(meta)
+        assert layout.short == (short is not None)
+        attn.plan(layout)
+        attn.set_slots(meta.slot_mapping, n)
+        g = torch.Generator().manual_seed(step)
+        q, k, v = (torch.randn(8, h, D, generator=g) for h in (HQ, HK, HK))
+        k_cache, v_cache = _caches(num_pages, page_size, step)
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        out = attn.forward(q, k, v, k_cache, v_cache)
+        ref = TorchAttention(HQ, HK, D)
+        ref.plan(meta)
+        want = ref.forward(q[:n], k[:n], v[:n], k_ref, v_ref)
+        assert (out[:n] - want).abs().max() < 1e-4, f"step {step}"
+        kv_len += 1
+        if kv_len % page_size == 1:  # the new position opens a page
+            for t in tables:
+                t.append(next(free))
+    # kv_len 1..12: 1, 2 and 3 pages per sequence
+    assert attn.num_decode_plans == (3 if short is not None else 12)
+    assert attn.num_plans == 12
+
+
 def test_piece_bounds_cover_every_page_once(graph_attention):
     bounds = graph_attention.piece_bounds(np.array([0, 1, 3, 7, 512]), 4)
     assert (bounds[:, 0] == 0).all() and (bounds[:, -1] == [0, 1, 3, 7, 512]).all()

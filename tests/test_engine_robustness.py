@@ -102,10 +102,10 @@ def inject(engine: CascadeEngine, stage: str, monkeypatch) -> None:
     elif stage == "model":
         original = core.runner.run
 
-        def run(batch):
+        def run(batch, rows=None):
             if any(_is_victim(e.seq.params) for e in batch):
                 raise Injected("model")
-            return original(batch)
+            return original(batch, rows)
 
         monkeypatch.setattr(core.runner, "run", run)
     elif stage == "sampling":

@@ -115,7 +115,8 @@ def drive(engine: CascadeEngine, prompts, params, on_step=None):
         assert -1 not in s.token_ids, "no placeholder is left in a finished request"
     delivered = sum(len(t) for d in deltas.values() for t, _ in d)
     assert core.generated_tokens - before == delivered, "generated_tokens counts deliveries"
-    assert core.scheduler.block_table.num_used == 0 and not core._num_pending
+    assert core.scheduler.block_table.num_used == 0
+    assert not any(s.num_pending for s in seqs), "no placeholder is counted after the end"
     return [ends[s.seq_id] for s in seqs], [deltas[s.seq_id] for s in seqs], inflight_steps
 
 
@@ -218,10 +219,10 @@ def test_a_request_failing_in_the_model_ends_alone(engines, monkeypatch):
         runner = engine._core.runner
         original = runner.run
 
-        def run(batch, original=original):
+        def run(batch, rows=None, original=original):
             if any(e.seq.params.max_tokens == 7 and e.seq.num_generated >= 3 for e in batch):
                 raise Injected("model")
-            return original(batch)
+            return original(batch, rows)
 
         monkeypatch.setattr(runner, "run", run)
     params = [SamplingParams(max_tokens=n) for n in (10, 7, 12)]
@@ -271,8 +272,8 @@ def test_pending_input_ids_are_gathered_for_decode_mixed_and_readmitted_rows(eng
     prepare, forward, schedule = runner.prepare, runner.model.forward, scheduler.schedule
     state = {"preempt": 3}
 
-    def prepare_rec(batch):
-        inputs = prepare(batch)
+    def prepare_rec(batch, *args, **kwargs):
+        inputs = prepare(batch, *args, **kwargs)
         entries = [(e.seq, e.q_start, e.kv_len, e.slots is not None) for e in batch]
         seen.append([entries, inputs.order.tolist(), None])
         return inputs
@@ -285,7 +286,7 @@ def test_pending_input_ids_are_gathered_for_decode_mixed_and_readmitted_rows(eng
         state["preempt"] -= 1
         if state["preempt"] == 0:  # the oldest running request, its token pending
             victim = scheduler.running[0]
-            assert core._num_pending.get(victim.seq_id) == 1
+            assert victim.num_pending == 1
             scheduler._preempt(victim)
             plan = schedule()
             readmitted = [e for e in plan.scheduled if e.seq is victim]

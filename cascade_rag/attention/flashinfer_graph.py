@@ -264,6 +264,13 @@ class DecodeGraphAttention:
             )
             for short in ((False,) if short_last_tokens is None else (False, True))
         }
+        # FlashInfer's plan of the CUDA-core decode kernel reads only the page counts
+        # (kv_indptr; the kernel reads the last-page lengths from their buffer), so a step
+        # with the counts of that wrapper's last plan keeps the plan and copies only what
+        # moved: last-page lengths, and page ids when they are a new tensor.
+        self._plan_by_pages = {short: not tc for short, tc in tensor_cores.items()}
+        self._decode_planned: dict[bool, tuple[np.ndarray, torch.Tensor]] = {}
+        self.num_decode_plans = 0  # FlashInfer plans of the last level (kept plans not counted)
         # outputs in static buffers: no allocation (or zero fill) inside a graph
         self._out = torch.empty(b, num_qo_heads, head_dim, dtype=dtype, device=self.device)
         self._lse = torch.empty(b, num_qo_heads, dtype=torch.float32, device=self.device)
@@ -430,17 +437,7 @@ class DecodeGraphAttention:
             self.set_slots(metadata.slot_mapping, metadata.num_tokens)
         common = dict(pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype)
         pad = self.batch_size - layout.num_rows
-        self._decodes[layout.short].plan(
-            torch.from_numpy(layout.kv_indptr),
-            layout.kv_indices,  # host or device: the plan copies them into the buffer
-            torch.from_numpy(layout.kv_last_page_len),
-            self.num_qo_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            self.page_size,
-            disable_split_kv=layout.short and self._short_no_split,
-            **common,
-        )
+        self._plan_last_level(layout, common)
         if pad:  # the padded rows' scratch pages follow the real page lists
             start = int(layout.kv_indptr[layout.num_rows])
             self._decode_indices[start : start + pad].fill_(self.scratch_page)
@@ -468,6 +465,36 @@ class DecodeGraphAttention:
         self.num_shared = len(layout.shared)
         self.short = layout.short
         self.num_plans += 1
+
+    def _plan_last_level(self, layout: DecodeLayout, common: dict) -> None:
+        """Plan the last level's wrapper, or keep its plan (see `_plan_by_pages`)."""
+        short = layout.short
+        kept = self._decode_planned.get(short)
+        if kept is not None and np.array_equal(kept[0], layout.kv_indptr):
+            self._decode_last_len.copy_(
+                torch.from_numpy(layout.kv_last_page_len), non_blocking=True
+            )
+            if kept[1] is not layout.kv_indices:  # new page ids, same counts
+                self._decode_indices[: len(layout.kv_indices)].copy_(
+                    layout.kv_indices, non_blocking=True
+                )
+                self._decode_planned[short] = (kept[0], layout.kv_indices)
+            return
+        self._decode_planned.clear()  # the wrappers share the buffers this plan rewrites
+        self._decodes[short].plan(
+            torch.from_numpy(layout.kv_indptr),
+            layout.kv_indices,  # host or device: the plan copies them into the buffer
+            torch.from_numpy(layout.kv_last_page_len),
+            self.num_qo_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.page_size,
+            disable_split_kv=short and self._short_no_split,
+            **common,
+        )
+        self.num_decode_plans += 1
+        if self._plan_by_pages[short]:
+            self._decode_planned[short] = (layout.kv_indptr.copy(), layout.kv_indices)
 
     def plan_dummy(self, num_shared: int, short: bool = False) -> None:
         """Plan a step in which every row is padding (for capturing: all reads and writes go

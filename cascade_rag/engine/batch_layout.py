@@ -71,6 +71,7 @@ class HostInputs:
     kv_last_page_len: np.ndarray  # [n] int64, last level
     copies: list[tuple[int, int]]
     last_rows: np.ndarray | None
+    rows: np.ndarray  # [n] int64 block-table rows, batch order
 
 
 @dataclass
@@ -124,24 +125,40 @@ class BatchLayout:
         self._plan: _CachedPlan | None = None
         self._no_copies = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.num_replans = 0
+        # the last level's page ids of the last step, kept while its pages do not change
+        self._last_pages: tuple[_CachedPlan, np.ndarray, np.ndarray, torch.Tensor] | None = None
+        self.num_page_gathers = 0
 
     def set_min_shared_tokens(self, value: int) -> None:
         """Change when a shared entry pays (the cached plan is dropped)."""
         self.min_shared_tokens = value
         self._plan = None
 
-    def build(self, batch: list[ScheduledSeq]) -> StepInputs:
-        """The step's inputs (host work O(batch) for a decode step)."""
-        return self.device_inputs(self.host_inputs(batch))
+    def build(
+        self, batch: list[ScheduledSeq], rows: np.ndarray | None = None, with_ids: bool = True
+    ) -> StepInputs:
+        """The step's inputs (host work O(batch) for a decode step); see `host_inputs`."""
+        return self.device_inputs(self.host_inputs(batch, rows, with_ids))
 
     # ---- host ------------------------------------------------------------------------------
 
-    def host_inputs(self, batch: list[ScheduledSeq]) -> HostInputs:
-        """Host arrays of the step; re-plans the cascade structure only when its key moved."""
+    def host_inputs(
+        self, batch: list[ScheduledSeq], rows: np.ndarray | None = None, with_ids: bool = True
+    ) -> HostInputs:
+        """Host arrays of the step; re-plans the cascade structure only when its key moved.
+
+        `rows`: the entries' block-table rows when every entry is a decode entry (the
+        scheduler's `StepPlan.all_decode_rows`), so they are not read entry by entry.
+        `with_ids` False (a decode step whose every input token is a placeholder gathered on
+        the device, overlap) leaves the input ids zero instead of reading the last tokens.
+        """
         table, size, n = self.table, self.page_size, len(batch)
-        rows = np.array([b.row for b in batch], np.int64)
+        decode = rows is not None
+        if rows is None:
+            rows = np.array([b.row for b in batch], np.int64)
+            # one new row each, in its private pages
+            decode = all(b.slots is None for b in batch)
         kv_len = table.kv_len[rows]
-        decode = all(b.slots is None for b in batch)  # one new row each, in its private pages
         q_start = kv_len - 1 if decode else np.array([b.q_start for b in batch], np.int64)
         qo_len = kv_len - q_start
         caps = np.minimum(q_start, table.chain_end[rows]) // size
@@ -164,8 +181,11 @@ class BatchLayout:
         if decode:
             pos = kv_o - 1
             slots = table.host[rows_o, pos // size].astype(np.int64) * size + pos % size
-            last_ids = np.fromiter((b.seq.token_ids[-1] for b in batch), np.int64, n)
-            packed = np.concatenate([slots, last_ids[order], pos, bases, counts])
+            if with_ids:
+                last_ids = np.fromiter((b.seq.token_ids[-1] for b in batch), np.int64, n)[order]
+            else:
+                last_ids = np.zeros(n, np.int64)
+            packed = np.concatenate([slots, last_ids, pos, bases, counts])
             num_tokens = n
         else:
             slots_l: list[int] = []
@@ -188,8 +208,9 @@ class BatchLayout:
             )
             last_rows = np.cumsum(qo_len[order]) - 1
         return HostInputs(
-            plan, packed, num_tokens, int(kv_indptr[-1]), kv_indptr, last_len, copies, last_rows
-        )
+            plan, packed, num_tokens, int(kv_indptr[-1]), kv_indptr, last_len, copies, last_rows,
+            rows_o,
+        )  # fmt: skip
 
     def _replan(
         self,
@@ -259,6 +280,26 @@ class BatchLayout:
 
     # ---- device ----------------------------------------------------------------------------
 
+    def _last_level_pages(
+        self, host: HostInputs, bases: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """The last level's page ids on the device: the last step's tensor again when the
+        step has the same cascade plan, rows and page counts (a row's pages change only by
+        growing, which changes its count, or by a new occupant, which changes the plan), else
+        gathered from the device block table. The tensor is never written after it is made."""
+        kept = self._last_pages
+        if (
+            kept is not None
+            and kept[0] is host.plan
+            and np.array_equal(kept[1], host.rows)
+            and np.array_equal(kept[2], host.kv_indptr)
+        ):
+            return kept[3]
+        pages = expand_spans(self.table.dev, bases, counts, host.total_pages)
+        self._last_pages = (host.plan, host.rows, host.kv_indptr, pages)
+        self.num_page_gathers += 1
+        return pages
+
     def device_inputs(self, host: HostInputs) -> StepInputs:
         """Copy the packed arrays (one non-blocking copy), gather the last level's pages on
         the device, wrap everything as the step's metadata."""
@@ -271,7 +312,7 @@ class BatchLayout:
         last = CascadeLevel(
             qo_indptr=plan.qo_indptr,
             kv_indptr=host_tensor(host.kv_indptr, self._pin),
-            kv_indices=expand_spans(self.table.dev, bases, counts, host.total_pages),
+            kv_indices=self._last_level_pages(host, bases, counts),
             kv_last_page_len=host_tensor(host.kv_last_page_len, self._pin),
             causal=True,
         )

@@ -28,8 +28,9 @@ overlap changes the order of work but nothing else.
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -92,24 +93,59 @@ class _Flight:
     host: torch.Tensor | None = None
     event: object | None = None
     results: list | None = None
+    # its sequences whose placeholder reaches max_tokens (they get no row in the next step)
+    length_ends: list[Sequence] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.index = {seq.seq_id: i for i, seq in enumerate(self.seqs)}
+    @functools.cached_property
+    def index(self) -> dict[int, int]:
+        return {seq.seq_id: i for i, seq in enumerate(self.seqs)}
 
     def wait(self) -> list:
+        """(token, logprob) per row, or the row's exception."""
         if self.results is None:
-            if self.event is not None:
-                self.event.synchronize()
-                tokens = self.host.tolist()
-            else:
-                tokens = self.ids.tolist()
-            self.results = [(t, None) for t in tokens]
+            self.results = [(t, None) for t in self.tokens()]
         return self.results
+
+    def tokens(self) -> list[int]:
+        """The sampled ids of a step sampled on the device (waits for them)."""
+        if self.event is not None:
+            self.event.synchronize()
+            return self.host.tolist()
+        return self.ids.tolist()
 
 
 def _needs_host_state(params: SamplingParams) -> bool:
     """A row whose sampling reads its previous tokens (or returns logprobs) on the host."""
     return params.constraint is not None or params._penalised or params.logprobs is not None
+
+
+@dataclass
+class _BatchRows:
+    """What sampling needs to know of a step's rows. Kept while the steps run the same
+    sequences in the same order (steady decode), so it is worked out once per batch, not per
+    step: a sequence's params and generator never change.
+
+    Attributes:
+        seqs: the step's sequences, batch order.
+        host_state: a row needs the host state of its tokens (`_needs_host_state`).
+        generators: each row's generator (None: torch's global RNG).
+        greedy: every row is plain greedy (argmax of the raw logits, no logprobs).
+    """
+
+    seqs: list[Sequence]
+    host_state: bool
+    generators: list[torch.Generator | None]
+    greedy: bool
+
+    @classmethod
+    def of(cls, seqs: list[Sequence], generators: dict[int, torch.Generator | None]):
+        params = {id(s.params): s.params for s in seqs}.values()  # often one object for all
+        return cls(
+            list(seqs),
+            any(_needs_host_state(p) for p in params),
+            [generators[s.seq_id] for s in seqs],
+            all(p._plain_greedy for p in params),
+        )
 
 
 def make_attention_backend(config: EngineConfig, model_config):
@@ -206,7 +242,7 @@ class LLMEngine:
         self.overlap = default_overlap(torch.device(config.device)) if overlap is None else overlap
         self._cuda = on_cuda
         self._flight: _Flight | None = None  # the launched step whose tokens are not read yet
-        self._num_pending: dict[int, int] = {}  # seq_id -> placeholders at its end
+        self._batch: _BatchRows | None = None  # what the last step's sampling knew of its rows
         # output constraints: compiled per distinct constraint, one matcher per request
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, self.eos_token_ids)
         self._constraints: dict[int, ConstraintState] = {}
@@ -278,8 +314,8 @@ class LLMEngine:
             updates += self._resolve(flight)
             flight = None
         if flight is not None:  # no row for a sequence its pending token ends by length
-            for seq in list(self.scheduler.running):
-                if self._num_pending.get(seq.seq_id) and seq.num_generated >= seq.max_tokens:
+            for seq in flight.length_ends:
+                if seq.status is SequenceStatus.RUNNING and seq.num_pending:
                     self.scheduler.release(seq)
         try:
             plan = self.scheduler.schedule()
@@ -298,15 +334,15 @@ class LLMEngine:
         seqs = [e.seq for e in plan.scheduled]
         pending = None
         if flight is not None:
-            rows = [
-                (j, flight.index[s.seq_id])
-                for j, s in enumerate(seqs)
-                if self._num_pending.get(s.seq_id)
-            ]
-            pending = (flight.ids, rows) if rows else None
+            if flight.seqs == seqs:  # the same sequences (by identity) in the same order
+                pending = (flight.ids, None)
+            else:
+                index = flight.index
+                rows = [(j, index[s.seq_id]) for j, s in enumerate(seqs) if s.num_pending]
+                pending = (flight.ids, rows) if rows else None
         self.runner.pending = pending
         try:
-            logits = self.runner.run(plan.scheduled)
+            logits = self.runner.run(plan.scheduled, plan.all_decode_rows)
         except Exception as exc:  # noqa: BLE001 - the step's requests get the error
             self.scheduler.finish_step(plan, failed=True)
             updates += self._resolve(flight)  # the previous step's tokens are not lost
@@ -328,7 +364,7 @@ class LLMEngine:
         self.num_steps += 1
         if self.store is not None:
             self._save_to_store(plan.created)
-        for e in plan.scheduled:
+        for e in plan.scheduled[plan.num_decode :]:  # decode entries compute no prompt token
             seq = e.seq
             done = min(e.kv_len, seq.num_prompt_tokens)
             if seq.num_prompt_computed == 0:  # first computation: count the prompt once
@@ -343,9 +379,13 @@ class LLMEngine:
                     self.recomputed_tokens += e.num_extra_rows
             seq.num_prompt_computed = max(seq.num_prompt_computed, done)
         launched = self._launch_sampling(logits, seqs)
+        ends = launched.length_ends
         for seq in seqs:  # this step's tokens: placeholders until it resolves
-            seq.token_ids.append(PENDING)
-            self._num_pending[seq.seq_id] = self._num_pending.get(seq.seq_id, 0) + 1
+            ids = seq.token_ids
+            ids.append(PENDING)
+            seq.num_pending += 1
+            if len(ids) - seq.num_prompt_tokens >= seq.max_tokens:
+                ends.append(seq)
         updates += self._resolve(flight)
         if launched.results is not None or not self.overlap:
             updates += self._resolve(launched)
@@ -367,11 +407,17 @@ class LLMEngine:
     def _launch_sampling(self, logits: torch.Tensor, seqs: list[Sequence]) -> _Flight:
         """Sample the step: on the device without reading the ids back where every row allows
         it (overlap), else on the host with per-row isolation (`_sample`)."""
-        if self.overlap and not any(_needs_host_state(s.params) for s in seqs):
-            gens = [self._generators[s.seq_id] for s in seqs]
+        rows = self._batch
+        if rows is None or rows.seqs != seqs:  # new sequences in the batch: look at them once
+            rows = self._batch = _BatchRows.of(seqs, self._generators)
+        if self.overlap and not rows.host_state:
+            gens = rows.generators
             states = [g.get_state() if g is not None else None for g in gens]
             try:
-                ids = self._sample_ids(logits, seqs, gens)
+                if rows.greedy:
+                    ids = self.sampler.greedy_ids(logits)
+                else:
+                    ids = self._sample_ids(logits, seqs, gens)
             except Exception as exc:  # noqa: BLE001 - `_sample` finds the row(s) that fail
                 logger.warning("sampling on the device failed (%r); sampling on the host", exc)
                 for g, state in zip(gens, states):
@@ -393,7 +439,17 @@ class LLMEngine:
         if flight is None:
             return []
         updates: list[SeqUpdate] = []
-        for seq, sampled in zip(flight.seqs, flight.wait()):
+        if flight.results is None:  # sampled on the device: a token per row, no logprobs
+            finished = SequenceStatus.FINISHED
+            for seq, token in zip(flight.seqs, flight.tokens()):
+                if seq.status is finished:
+                    continue  # ended (stop, abort, failure) while this step ran: token dropped
+                try:
+                    updates.append(self._append(seq, token, None))
+                except Exception as exc:  # noqa: BLE001 - e.g. detokenizing failed
+                    updates += self._failed_after_sampling(seq, exc)
+            return updates
+        for seq, sampled in zip(flight.seqs, flight.results):
             if seq.status is SequenceStatus.FINISHED:
                 continue  # ended (stop, abort, failure) while this step ran: token dropped
             if isinstance(sampled, BaseException):
@@ -403,11 +459,15 @@ class LLMEngine:
             try:
                 updates.append(self._append(seq, *sampled))
             except Exception as exc:  # noqa: BLE001 - e.g. detokenizing failed: this one ends
-                logger.warning("request %d failed after sampling: %r", seq.seq_id, exc)
-                if seq.status is not SequenceStatus.FINISHED:
-                    self.scheduler.release(seq)
-                    updates.append(self._fail(seq, exc))
+                updates += self._failed_after_sampling(seq, exc)
         return updates
+
+    def _failed_after_sampling(self, seq: Sequence, exc: BaseException) -> list[SeqUpdate]:
+        logger.warning("request %d failed after sampling: %r", seq.seq_id, exc)
+        if seq.status is SequenceStatus.FINISHED:
+            return []
+        self.scheduler.release(seq)
+        return [self._fail(seq, exc)]
 
     def _save_to_store(self, nodes) -> None:
         """Write the chunk nodes a step computed to the disk store; failures are logged."""
@@ -468,20 +528,18 @@ class LLMEngine:
         return seqs
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> SeqUpdate:
-        constraint = self._constraints.get(seq.seq_id)
+        constraint = self._constraints.get(seq.seq_id) if self._constraints else None
         if constraint is not None:
             constraint.advance(token)  # raises for a token the constraint does not allow
-        pending = self._num_pending.get(seq.seq_id, 0)
+        pending = seq.num_pending
+        ids = seq.token_ids
         if pending:  # overlap: the oldest placeholder is this token
-            pos = len(seq.token_ids) - pending
-            seq.token_ids[pos] = token
-            if pending == 1:
-                del self._num_pending[seq.seq_id]
-            else:
-                self._num_pending[seq.seq_id] = pending - 1
+            pos = len(ids) - pending
+            ids[pos] = token
+            seq.num_pending = pending - 1
         else:
-            seq.token_ids.append(token)
-            pos = len(seq.token_ids) - 1
+            ids.append(token)
+            pos = len(ids) - 1
         num_generated = pos + 1 - seq.num_prompt_tokens
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -492,7 +550,7 @@ class LLMEngine:
             token in params.stop_token_ids
             or (token in self.eos_token_ids and not params.ignore_eos)
         )
-        stream = self._streams.get(seq.seq_id)
+        stream = self._streams.get(seq.seq_id) if self._streams else None
         text, stopped = "", False
         if stream is not None and (not is_stop_token or params.include_stop_str_in_output):
             # stop strings never cut constrained output (only free text, Constraint.stop_after)
@@ -515,7 +573,7 @@ class LLMEngine:
         return SeqUpdate(seq, [token], text, output=output, logprobs=lp)
 
     def _end(self, seq: Sequence, reason: str, stop_reason=None) -> GenerationOutput:
-        pending = self._num_pending.pop(seq.seq_id, 0)
+        pending, seq.num_pending = seq.num_pending, 0
         if pending:  # tokens of launched steps that will not be delivered
             del seq.token_ids[-pending:]
         if seq.status is SequenceStatus.WAITING and seq in self.scheduler.waiting:

@@ -93,10 +93,15 @@ class ModelRunner:
         if self.batch_layout is not None:
             self.batch_layout.set_min_shared_tokens(value)
 
-    def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
-        """The step's inputs on the cache's device: ids, positions, metadata, logit rows."""
+    def prepare(
+        self, batch: list[ScheduledSeq], rows: np.ndarray | None = None, with_ids: bool = True
+    ) -> StepInputs:
+        """The step's inputs on the cache's device: ids, positions, metadata, logit rows.
+
+        `rows` and `with_ids` as for `BatchLayout.host_inputs` (exact prefix reuse only).
+        """
         if batch and batch[0].groups is None and self.batch_layout is not None:
-            inputs = self.batch_layout.build(batch)
+            inputs = self.batch_layout.build(batch, rows, with_ids)
             self.num_cascade_steps += len(inputs.metadata.levels) > 1
             return inputs
         order, metadata = self._build_listed_metadata(batch)
@@ -246,16 +251,19 @@ class ModelRunner:
         return input_ids, positions, last_rows
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+    def run(self, batch: list[ScheduledSeq], rows: np.ndarray | None = None) -> torch.Tensor:
         """Forward the step; returns float32 logits [len(batch), vocab] in `batch` order.
 
         Nothing here waits for the device: host-to-device copies are non-blocking and no
         device tensor is read back before the caller samples. With `pending` set (overlap,
         engine/llm_engine.py: (the previous step's sampled ids on the device, [(j, i)])),
         entry j's last input token is a placeholder on the host and is ids[i], gathered on
-        the device; the engine sets it for the one call.
+        the device; the engine sets it for the one call. Pending rows None: every entry is a
+        decode entry whose token is ids[j] (the previous step ran these very sequences).
+        `rows`: the scheduler's `StepPlan.all_decode_rows`, or None.
         """
-        inputs = self.prepare(batch)
+        all_pending = self.pending is not None and self.pending[1] is None
+        inputs = self.prepare(batch, rows, with_ids=not all_pending)
         if self.pending is not None:
             self._gather_pending(batch, inputs, *self.pending)
         if self._planned is not None:  # the last plan's copies out of pinned host buffers
@@ -283,10 +291,16 @@ class ModelRunner:
         batch: list[ScheduledSeq],
         inputs: StepInputs,
         ids: torch.Tensor,
-        rows: list[tuple[int, int]],
+        rows: list[tuple[int, int]] | None,
     ) -> None:
         """Overwrite the placeholder input ids of `rows` ((entry, index into `ids`)) with the
-        previous step's sampled ids, on the device (one small copy of host indices)."""
+        previous step's sampled ids, on the device (one small copy of host indices); rows
+        None: entry j's one input row takes ids[j] (one gather in batch order, no copy)."""
+        if rows is None:
+            assert inputs.input_ids.shape[0] == len(batch), "one input row per decode entry"
+            src = ids if inputs.scatter is None else ids.index_select(0, inputs.scatter)
+            inputs.input_ids.copy_(src)
+            return
         last = self._last_input_rows(batch, inputs)
         index = np.array([[last[j] for j, _ in rows], [i for _, i in rows]], np.int64)
         index = to_device(index, self.device)

@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cascade_rag.chunks import ChunkType
@@ -100,13 +101,24 @@ class StepPlan:
 
     `created`: nodes it computes for the first time; `preempted`: sequences sent back to
     wait; `failed`: sequences that cannot continue, each with its error (alone, it outgrew the
-    page pool, or admitting it raised).
+    page pool, or admitting it raised). `num_decode`: the first entries of `scheduled` are
+    decode entries of running sequences (one new position each), the rest admit prompts;
+    `decode_rows` ([num_decode] int64) their block-table rows when the scheduler made them all
+    at once (`Scheduler._decode_all`), else None.
     """
 
     scheduled: list[ScheduledSeq]
     created: list[ChunkNode]
     preempted: list[Sequence]
     failed: list[tuple[Sequence, BaseException]]
+    num_decode: int = 0
+    decode_rows: np.ndarray | None = None
+
+    @property
+    def all_decode_rows(self) -> np.ndarray | None:
+        """The entries' block-table rows if every entry is a decode entry made at once."""
+        rows = self.decode_rows
+        return rows if rows is not None and len(rows) == len(self.scheduled) else None
 
 
 class Scheduler:
@@ -176,6 +188,8 @@ class Scheduler:
 
         plan = self._schedule_running(preempted, failed)
         decode = plan.scheduled
+        if not self.waiting:
+            return plan
         prefill: list[ScheduledSeq] = []
         budget = self.max_num_batched_tokens - len(decode)
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -196,12 +210,16 @@ class Scheduler:
             self.running.append(seq)
             prefill.append(entry)
             budget -= entry.qo_len
-        return StepPlan(decode + prefill, created, preempted, failed)
+        return StepPlan(decode + prefill, created, preempted, failed, len(decode), plan.decode_rows)
 
     def _schedule_running(
         self, preempted: list[Sequence], failed: list[tuple[Sequence, BaseException]]
     ) -> StepPlan:
         """Decode entries for the running sequences (each needs room for its pending token)."""
+        if self.block_table is not None and not preempted and not failed:
+            plan = self._decode_all()
+            if plan is not None:
+                return plan
         decode: list[ScheduledSeq] = []
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING:
@@ -224,7 +242,38 @@ class Scheduler:
                     self.release(seq)
                 failed.append((seq, exc))
         decode = [d for d in decode if d.seq.status is SequenceStatus.RUNNING]
-        return StepPlan(decode, [], preempted, failed)
+        return StepPlan(decode, [], preempted, failed, len(decode))
+
+    def _decode_all(self) -> StepPlan | None:
+        """Every running sequence's decode entry at once (exact prefix reuse): the usual step.
+
+        Rows and lengths are read as arrays; `_grow` runs only for the sequences whose new
+        position opens a page (their row's pages cover fewer positions than their tokens).
+        Returns None, having changed nothing but pages it could allocate (which the general
+        loop then finds in place), when that loop must run: a sequence that is not one token
+        ahead of its KV or holds no row, or a page that is not free (preemption).
+        """
+        running = self.running
+        n = len(running)
+        if not n:
+            return None
+        table = self.block_table
+        running_ = SequenceStatus.RUNNING
+        rows = np.fromiter(
+            (s.block_row if s.status is running_ else -1 for s in running), np.int64, n
+        )
+        lens = np.fromiter((len(s.token_ids) for s in running), np.int64, n)
+        if rows.min() < 0 or not np.array_equal(table.kv_len[rows] + 1, lens):
+            return None
+        for i in np.flatnonzero(table.num_pages[rows] * self.page_size < lens).tolist():
+            if not self._grow(running[i]):
+                return None
+        table.kv_len[rows] = lens
+        decode = [
+            ScheduledSeq(seq, pos, None, [], row)
+            for seq, pos, row in zip(running, (lens - 1).tolist(), rows.tolist())
+        ]
+        return StepPlan(decode, [], [], [], n, rows)
 
     def _admit_alone(
         self,
@@ -275,8 +324,9 @@ class Scheduler:
         else:
             self.kv.mark_ready(plan.created)
             for entry in plan.scheduled:
-                entry.seq.num_kv = entry.kv_len
-                entry.seq.isolate = False
+                seq = entry.seq
+                seq.num_kv = len(seq.token_ids)
+                seq.isolate = False
 
     def release(self, seq: Sequence) -> None:
         """Unpin a sequence's nodes and free its private pages (finish, abort, failure)."""

@@ -62,13 +62,14 @@ _seq_ids = itertools.count()
 class Sequence:
     """One request's state. `token_ids` = prompt + generated tokens so far.
 
-    While RUNNING it pins `nodes` (its chain of chunk nodes) and owns `private_pages`
-    (the pages of positions after the chain). With reuse anywhere (engine/segments.py) its
-    nodes are `placements` (the anchor first), its private pages hold positions
-    [private_start, len(token_ids)) from slot 0, and `cow_pages` are its private copies of
-    chunk pages that hold recomputed tokens. `num_kv` tokens have KV in the cache; the
-    tokens after that are computed by the next step. With exact prefix reuse a running
-    sequence holds row `block_row` of the scheduler's block table (-1 when it holds none).
+        While RUNNING it pins `nodes` (its chain of chunk nodes) and owns `private_pages`
+        (the pages of positions after the chain). With reuse anywhere (engine/segments.py) its
+        nodes are `placements` (the anchor first), its private pages hold positions
+        [private_start, len(token_ids)) from slot 0, and `cow_pages` are its private copies of
+        chunk pages that hold recomputed tokens. `num_kv` tokens have KV in the cache; the
+        tokens after that are computed by the next step. With exact prefix reuse a running
+        sequence holds row `block_row` of the scheduler's block table (-1 when it holds none).
+    With overlap its last `num_pending` tokens are placeholders of steps not read back yet.
     """
 
     prompt: PreparedPrompt
@@ -93,6 +94,7 @@ class Sequence:
     logprobs: list = field(default_factory=list)  # TokenLogprob per generated token, if asked
     finish_reason: str | None = None
     block_row: int = -1
+    num_pending: int = 0  # overlap: placeholder tokens at the end (launched, not read back)
     _table_key: tuple | None = field(default=None, repr=False)
     _chain_table: list[int] = field(default_factory=list, repr=False)
 

@@ -178,6 +178,16 @@ class Sampler:
             return SamplerOutput(next_ids.tolist(), [None] * batch)
         return _with_logprobs(logits, next_ids, params, logprob_rows)
 
+    def greedy_ids(self, logits: torch.Tensor) -> torch.Tensor:
+        """[batch] int64 argmax ids on `logits.device` (first index on ties): what
+        `sample_step(..., to_host=False)` returns when every row's params are plain greedy
+        (greedy, no penalties, `min_tokens`, constraint or logprobs). The caller checks that
+        once per batch; nothing here reads the rows' params, so the step costs one kernel.
+        """
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+        return torch.argmax(logits, dim=-1)
+
     def sample(
         self,
         logits: torch.Tensor,

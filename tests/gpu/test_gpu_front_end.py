@@ -58,10 +58,10 @@ def test_a_failing_request_fails_alone_on_cuda(llama_dir, monkeypatch):
         original = core.runner.run
         victim = prompts[1].tail_ids
 
-        def run(batch):
+        def run(batch, rows=None):
             if any(tuple(e.seq.prompt.tail_ids) == victim for e in batch):
                 raise RuntimeError("injected")
-            return original(batch)
+            return original(batch, rows)
 
         monkeypatch.setattr(core.runner, "run", run)
 

@@ -71,11 +71,12 @@ def _run(model_dir, vocab: int, **options) -> dict:
     engine.generate(prompts[:1], SamplingParams(max_tokens=2))  # warm-up; caches the context
     # the context stays cached; each run decodes the whole batch again
     times, outs, steps = timed_generate(engine, prompts, params, repeats=3)
+    timeline = engine.last_timeline
     engine.close()
     tokens = sum(len(o.token_ids) for o in outs)
     seconds = statistics.median(times)
     return dict(seconds=seconds, runs=times, output_tokens_per_s=tokens / seconds, steps=steps,
-                token_ids=[o.token_ids for o in outs])  # fmt: skip
+                timeline=timeline, token_ids=[o.token_ids for o in outs])  # fmt: skip
 
 
 def main() -> None:
@@ -109,6 +110,14 @@ def main() -> None:
         same = f"{r['same_tokens'] * NUM_REQUESTS:.0f}/{NUM_REQUESTS}" if "x_plain" in r else ""
         print(f"| {name} | {r['seconds']:.3f} | {r['output_tokens_per_s']:.0f} | {r['steps']} "
               f"| {x} | {same} |")  # fmt: skip
+    print("\nwhere the last run's time went (ms): before the first step | first step (prefill) "
+          "| later steps (ms per step) | between steps | after the last step")  # fmt: skip
+    for name, r in rows:
+        t = r["timeline"]
+        per = t["later_steps_s"] / max(t["later_steps"], 1)
+        print(f"  {name}: {t['before_first_step'] * 1e3:.1f} | {t['first_step'] * 1e3:.1f} | "
+              f"{t['later_steps_s'] * 1e3:.1f} ({per * 1e3:.3f}) | "
+              f"{t['between_steps_s'] * 1e3:.1f} | {t['after_last_step'] * 1e3:.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -85,17 +85,61 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+class StepTimeline:
+    """Start and end (perf_counter) of every `core.step()` of an engine while it is on, to
+    split a timed run into: before the first step (submission, admission work of the front
+    end), the first step (the prefill), the later steps, and after the last one (outputs)."""
+
+    def __init__(self, engine) -> None:
+        self.core = engine._core
+        self.spans: list[tuple[float, float]] = []
+
+    def __enter__(self):
+        step = self.core.step
+
+        def timed():
+            t0 = time.perf_counter()
+            try:
+                return step()
+            finally:
+                self.spans.append((t0, time.perf_counter()))
+
+        self.core.step = timed
+        return self
+
+    def __exit__(self, *exc):
+        del self.core.step
+
+    def split(self, start: float, end: float) -> dict:
+        """Seconds of each part of a run timed from `start` to `end`."""
+        spans = [s for s in self.spans if start <= s[0] <= end]
+        if not spans:
+            return {}
+        later = spans[1:]
+        return dict(
+            before_first_step=spans[0][0] - start,
+            first_step=spans[0][1] - spans[0][0],
+            later_steps=len(later),
+            later_steps_s=sum(b - a for a, b in later),
+            between_steps_s=sum(b[0] - a[1] for a, b in zip(spans, spans[1:])),
+            after_last_step=end - spans[-1][1],
+        )
+
+
 def timed_generate(engine, prompts, params, repeats: int, before_each=None):
     """Time `engine.generate(prompts, params)` `repeats` times (after `before_each()`, if
-    given). Returns (seconds per run, the last run's outputs, engine steps of the last run)."""
+    given). Returns (seconds per run, the last run's outputs, engine steps of the last run);
+    `engine.last_timeline` is then the last run's `StepTimeline.split`."""
     times = []
-    for _ in range(repeats):
-        if before_each is not None:
-            before_each()
-        steps_before = engine.stats().num_steps
-        with Timer() as t:
-            outs = engine.generate(prompts, params)
-        times.append(t.seconds)
+    with StepTimeline(engine) as timeline:
+        for _ in range(repeats):
+            if before_each is not None:
+                before_each()
+            steps_before = engine.stats().num_steps
+            with Timer() as t:
+                outs = engine.generate(prompts, params)
+            times.append(t.seconds)
+    engine.last_timeline = timeline.split(t.start, t.start + t.seconds)
     return times, outs, engine.stats().num_steps - steps_before
 
 

@@ -107,19 +107,15 @@ def test_shared_entry_capacity_gives_the_large_tile(graph_attention):
 
 
 @pytest.mark.parametrize(
-    "page_size,pieces,short,fused",
-    [(1, 1, None, None), (4, 1, None, None), (1, 3, 20, None), (4, 4, 40, None),
-     (4, 1, 40, True), (4, 4, 40, False)],
-)  # fmt: skip
-def test_graph_attention_matches_torch_backend(graph_attention, page_size, pieces, short, fused):
+    "page_size,pieces,short", [(1, 1, None), (4, 1, None), (1, 3, 20), (4, 4, 40)]
+)
+def test_graph_attention_matches_torch_backend(graph_attention, page_size, pieces, short):
     """Steps of 5..48 sequences in buckets of 8 and 48 rows, plain and with 1-3 shared
     levels, one attention object per bucket planned again and again (buffers of a larger
     step must not leak into a smaller one), vs the PyTorch backend on the unpadded rows.
     With `pieces` > 1 each shared entry's keys are cut into parts (some of them empty: the
     short shared parts have fewer pages than parts), and with `short` a step whose last
-    level has at most that many tokens runs the short-level wrapper (both kinds occur); such
-    steps with shared levels run the fused last level (own keys in the first shared level's
-    launch) by default when keys are cut into parts, or when `fused` asks for it."""
+    level has at most that many tokens runs the short-level wrapper (both kinds occur)."""
     rng = random.Random(page_size * 10 + pieces)
     num_pages = 2400
     scratch = 0
@@ -139,7 +135,6 @@ def test_graph_attention_matches_torch_backend(graph_attention, page_size, piece
             max_pages_per_seq=2200,
             shared_pieces=pieces,
             short_last_tokens=short,
-            fused_last_level=fused,
         )  # fmt: skip
         for b in (8, 48)
     }
@@ -182,8 +177,6 @@ def test_graph_attention_matches_torch_backend(graph_attention, page_size, piece
             assert torch.equal(k_cache[scratch, 0, :, :], k[b - 1])
     assert seen_shared == {0, 1, 2, 3}
     assert kinds == ({False} if short is None else {True, False})
-    want_fused = short is not None and (fused if fused is not None else pieces > 1)
-    assert (sum(a.num_fused_plans for a in attns.values()) > 0) == want_fused
 
 
 @pytest.mark.parametrize("short", [64, None])

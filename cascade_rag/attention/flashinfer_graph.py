@@ -33,7 +33,12 @@ of `batch_size` rows; a step of n <= batch_size sequences (one query row each) i
   ("fa3", which never split keys) run shared levels. Measured on the H200 (128 rows over an
   8K shared prefix, 16 layers, per step): FA2 with its own split 633 us of attention plus 296
   us for its split-KV merge; FA3 in 4 parts 552 us plus 113 us of in-place merges; FA2 in 4
-  parts 1,186 us (so parts default to FA3, on GPUs of compute capability 9 or more).
+  parts 1,186 us (so parts default to FA3, on GPUs of compute capability 9 or more). The
+  states of a level's parts are merged into the last level's by one kernel per layer
+  (`attention.merge.merge_blocks`, Triton), not one FlashInfer merge per part.
+- Kept plans: FlashInfer plans the CUDA-core decode kernel from the page counts alone
+  (kv_indptr), so a step whose counts equal that wrapper's last plan keeps it and only copies
+  the last-page lengths (and page ids, when they come as a new tensor).
 - New K/V: one `append_paged_kv_cache` call writes k and v, addressing the whole pool as a
   single page list (page i at index i) with each row's slot as its position; padded rows write
   the scratch slot.
@@ -209,7 +214,6 @@ class DecodeGraphAttention:
         shared_pieces: int | None = None,
         short_last_tokens: int | None = 512,
         short_last_kernel: str = "decode",
-        fused_last_level: bool | None = None,
     ) -> None:
         if num_pages * page_size >= 2**31:
             raise ValueError(
@@ -276,44 +280,29 @@ class DecodeGraphAttention:
         # outputs in static buffers: no allocation (or zero fill) inside a graph
         self._out = torch.empty(b, num_qo_heads, head_dim, dtype=dtype, device=self.device)
         self._lse = torch.empty(b, num_qo_heads, dtype=torch.float32, device=self.device)
-        if fused_last_level is None:
-            fused_last_level = p > 1 and short_last_tokens is not None
-        fused = bool(fused_last_level) and max_shared_levels > 0 and short_last_tokens is not None
-        # the query rows repeated once per part (and once more for the fused last level)
+        # the query rows repeated once per part
         self._q_rep = None
-        if p > 1 or fused:
-            shape = ((p + fused) * b, num_qo_heads, head_dim)
+        if p > 1:
+            shape = (p * b, num_qo_heads, head_dim)
             self._q_rep = torch.empty(shape, dtype=dtype, device=self.device)
         e = self.max_shared_entries * p
 
-        def shared_level(entries: int, blocks: int, indices: int) -> _SharedLevel:
+        self._shared: list[_SharedLevel] = []
+        for _ in range(max_shared_levels):
             wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                 workspace,
                 "NHD",
                 use_cuda_graph=True,
-                qo_indptr_buf=torch.zeros(entries + 1, **i32),
-                paged_kv_indptr_buf=torch.zeros(entries + 1, **i32),
-                paged_kv_indices_buf=torch.zeros(indices, **i32),
-                paged_kv_last_page_len_buf=torch.zeros(entries, **i32),
+                qo_indptr_buf=torch.zeros(e + 1, **i32),
+                paged_kv_indptr_buf=torch.zeros(e + 1, **i32),
+                paged_kv_indices_buf=torch.zeros(self.max_indices, **i32),
+                paged_kv_last_page_len_buf=torch.zeros(e, **i32),
                 backend=shared_backend,
             )
-            mask = torch.zeros(blocks, b, dtype=torch.bool, device=self.device)
-            rows = blocks * b
-            out = torch.empty(rows, num_qo_heads, head_dim, dtype=dtype, device=self.device)
-            lse = torch.empty(rows, num_qo_heads, dtype=torch.float32, device=self.device)
-            return _SharedLevel(wrapper, mask, out, lse)
-
-        self._shared = [shared_level(e, p, self.max_indices) for _ in range(max_shared_levels)]
-        # Fused last level (short steps with shared levels): each row's own keys are b more
-        # entries of the first shared level's launch, over one more block of query rows, so
-        # the step runs no decode kernel and no split-KV merge of its own (see `forward`).
-        self._fused = None
-        if fused:
-            self._fused = shared_level(e + b, p + 1, 2 * self.max_indices)
-            self._fused.mask[p] = True  # the own block: every row reads its own keys
-            self._scratch_pages = torch.full((b,), scratch_page, dtype=torch.int64,
-                                             device=self.device)  # fmt: skip
-        self.num_fused_plans = 0
+            mask = torch.zeros(p, b, dtype=torch.bool, device=self.device)
+            out = torch.empty(p * b, num_qo_heads, head_dim, dtype=dtype, device=self.device)
+            lse = torch.empty(p * b, num_qo_heads, dtype=torch.float32, device=self.device)
+            self._shared.append(_SharedLevel(wrapper, mask, out, lse))
         # A shared level that comes back as the same object (the model runner reuses its
         # levels while the batch's sharing does not change) with the same rows is neither
         # padded nor planned again: its wrapper still holds that plan.
@@ -455,17 +444,11 @@ class DecodeGraphAttention:
             self.set_slots(metadata.slot_mapping, metadata.num_tokens)
         common = dict(pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype)
         pad = self.batch_size - layout.num_rows
-        fused = self._fused is not None and layout.short and bool(layout.shared)
-        if fused:
-            self._plan_fused(layout, common)
-        else:
-            self._plan_last_level(layout, common)
-            if pad:  # the padded rows' scratch pages follow the real page lists
-                start = int(layout.kv_indptr[layout.num_rows])
-                self._decode_indices[start : start + pad].fill_(self.scratch_page)
+        self._plan_last_level(layout, common)
+        if pad:  # the padded rows' scratch pages follow the real page lists
+            start = int(layout.kv_indptr[layout.num_rows])
+            self._decode_indices[start : start + pad].fill_(self.scratch_page)
         for j, (level, plan) in enumerate(zip(self._shared, layout.shared)):
-            if fused and j == 0:
-                continue  # in the fused launch
             done = self._planned[j]
             if plan.source is not None and done is not None and done[0] is plan.source[0]:
                 if done[1] == plan.source[1]:
@@ -489,37 +472,6 @@ class DecodeGraphAttention:
         self.num_shared = len(layout.shared)
         self.short = layout.short
         self.num_plans += 1
-
-    def _plan_fused(self, layout: DecodeLayout, common: dict) -> None:
-        """Plan the fused launch: the first shared level's padded entries (its query blocks
-        0..P-1), then one entry per row over its own pages (block P, row i reading the last
-        level's entry i; padded rows the scratch page). Planned every step: own lengths move."""
-        b, p, f = self.batch_size, self.pieces, self._fused
-        shared = layout.shared[0]
-        s0, s1 = int(shared.kv_indptr[0]), int(shared.kv_indptr[-1])
-        pad = b - layout.num_rows
-        qo = np.concatenate([shared.qo_indptr[:-1], p * b + np.arange(b + 1)])
-        kv = np.concatenate([shared.kv_indptr[:-1] - s0, (s1 - s0) + layout.kv_indptr])
-        last_len = np.concatenate([shared.kv_last_page_len, layout.kv_last_page_len])
-        dev = self.device
-        pages = [shared.kv_indices[s0:s1].to(dev), layout.kv_indices.to(dev)]
-        if pad:
-            pages.append(self._scratch_pages[:pad])
-        f.wrapper.plan(
-            torch.from_numpy(qo.astype(np.int32)),
-            torch.from_numpy(kv.astype(np.int32)),
-            torch.cat([x.to(torch.int64) for x in pages]),
-            torch.from_numpy(last_len.astype(np.int32)),
-            self.num_qo_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            self.page_size,
-            causal=False,  # one query row per own entry: it reads all its keys
-            disable_split_kv=p > 1,
-            **common,
-        )
-        f.mask[:p].copy_(torch.from_numpy(shared.mask), non_blocking=True)
-        self.num_fused_plans += 1
 
     def _plan_last_level(self, layout: DecodeLayout, common: dict) -> None:
         """Plan the last level's wrapper, or keep its plan (see `_plan_by_pages`)."""
@@ -606,27 +558,13 @@ class DecodeGraphAttention:
         decode = self._decodes[self.short]
         if not self.num_shared:
             return decode.run(q, kv_cache, out=self._out)
-        b, p = self.batch_size, self.pieces
-        out, lse = self._out, self._lse
-        rest = self._shared[: self.num_shared]
-        fused = self._fused
-        if fused is not None and self.short:
-            # one launch: the first shared level's parts and every row's own keys
+        out, lse = decode.run(q, kv_cache, out=self._out, lse=self._lse, return_lse=True)
+        p = self.pieces
+        q_l = q
+        if p > 1:
             q_l = self._q_rep
-            q_l.view(p + 1, *q.shape).copy_(q.unsqueeze(0).expand(p + 1, *q.shape))
-            out_l, lse_l = fused.wrapper.run(
-                q_l, kv_cache, out=fused.out, lse=fused.lse, return_lse=True
-            )
-            merge_blocks(out, lse, out_l, lse_l, fused.mask, base=False)
-            rest = rest[1:]
-            q_l = q if p == 1 else q_l[: p * b]
-        else:
-            decode.run(q, kv_cache, out=out, lse=lse, return_lse=True)
-            q_l = q
-            if p > 1:
-                q_l = self._q_rep[: p * b]
-                q_l.view(p, *q.shape).copy_(q.unsqueeze(0).expand(p, *q.shape))
-        for level in rest:
+            q_l.view(p, *q.shape).copy_(q.unsqueeze(0).expand(p, *q.shape))
+        for level in self._shared[: self.num_shared]:
             out_l, lse_l = level.wrapper.run(
                 q_l, kv_cache, out=level.out, lse=level.lse, return_lse=True
             )

@@ -84,22 +84,19 @@ def _metadata(views, slots, page_size, max_levels, indices_on_device):
 
 
 @pytest.mark.parametrize(
-    "backend,pieces,short,kernel,fused",
-    [("fa2", 1, None, "decode", None), ("fa2", 4, 200, "prefill", False),
-     ("fa3", 4, 200, "decode", False), ("fa3", 4, 200, "decode", None),
-     ("fa2", 1, 200, "decode", True)],
-)  # fmt: skip
-def test_graph_attention_replays_like_the_eager_backend(backend, pieces, short, kernel, fused):
+    "backend,pieces,short,kernel",
+    [("fa2", 1, None, "decode"), ("fa2", 4, 200, "prefill"), ("fa3", 4, 200, "decode")],
+)
+def test_graph_attention_replays_like_the_eager_backend(backend, pieces, short, kernel):
     """Graph replays (shared keys split by FlashInfer or cut into parts, FA2 or FA3 kernels
     for the shared levels, short last levels on the CUDA-core decode kernel or the tensor-core
-    one without split-KV, or fused into the first shared level's launch) equal the eager
-    backend and the float32 reference."""
+    one without split-KV) equal the eager backend and the float32 reference."""
     hq, hk, d, ps, num_pages, b = 32, 8, 64, 16, 4000, 48
     workspace = torch.zeros(128 << 20, dtype=torch.uint8, device=DEV)
     attn = DecodeGraphAttention(
         hq, hk, d, ps, torch.bfloat16, DEV, b, 3, num_pages, 0, workspace,
         shared_backend=backend, shared_pieces=pieces, short_last_tokens=short,
-        short_last_kernel=kernel, fused_last_level=fused,
+        short_last_kernel=kernel,
     )  # fmt: skip
     torch.manual_seed(0)
     shape = (num_pages, ps, hk, d)

@@ -286,6 +286,7 @@ class DecodeGraphAttention:
             shape = (p * b, num_qo_heads, head_dim)
             self._q_rep = torch.empty(shape, dtype=dtype, device=self.device)
         e = self.max_shared_entries * p
+
         self._shared: list[_SharedLevel] = []
         for _ in range(max_shared_levels):
             wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
@@ -561,7 +562,8 @@ class DecodeGraphAttention:
         p = self.pieces
         q_l = q
         if p > 1:
-            q_l = torch.cat([q] * p, out=self._q_rep)  # one vectorized copy kernel
+            q_l = self._q_rep
+            q_l.view(p, *q.shape).copy_(q.unsqueeze(0).expand(p, *q.shape))
         for level in self._shared[: self.num_shared]:
             out_l, lse_l = level.wrapper.run(
                 q_l, kv_cache, out=level.out, lse=level.lse, return_lse=True

@@ -11,6 +11,7 @@ three runs each) and the ratio.
 
     python bench/bench_gpu_decode_heavy.py   # writes $OUT/decode_heavy.json
     python bench/bench_gpu_decode_heavy.py --variants "" shared_pieces=1,short_last_tokens=none
+    python bench/bench_gpu_decode_heavy.py --page-size 64   # both systems' KV page size
 
 `--variants`: decode-graph attention settings (`DecodeGraphAttention` keyword arguments, as in
 profile_gpu_kernels.py) for the cascade rows; plain decode runs with the first.
@@ -83,16 +84,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", default="/tmp/cascade-rag-llama1b-peaked")
     parser.add_argument("--variants", nargs="+", default=[""])
+    parser.add_argument("--page-size", type=int, default=16, help="KV page size, both systems")
     args = parser.parse_args()
     model_dir = make_peaked_model_dir(args.model_dir)
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    plain = run(model_dir, vocab, args.variants[0], cascade=False)
+    pages = dict(page_size=args.page_size)
+    plain = run(model_dir, vocab, args.variants[0], cascade=False, **pages)
     plain_ids = plain.pop("token_ids")
     rows, result = [("plain decode", plain)], dict(plain=plain)
     for spec in args.variants:
-        cascade = run(model_dir, vocab, spec)
+        cascade = run(model_dir, vocab, spec, **pages)
         same = sum(a == b for a, b in zip(plain_ids, cascade.pop("token_ids")))
         cascade.update(x_plain=cascade["output_tokens_per_s"] / plain["output_tokens_per_s"],
                        same_tokens=same / NUM_REQUESTS)  # fmt: skip
@@ -101,7 +104,8 @@ def main() -> None:
     write_json("decode_heavy.json", result)
     print(
         f"decode-heavy: {NUM_REQUESTS} requests sharing {CONTEXT_TOKENS} cached tokens, "
-        f"{QUESTION_TOKENS}-token questions, {NEW_TOKENS} new tokens; Llama-3.2-1B shape, bf16"
+        f"{QUESTION_TOKENS}-token questions, {NEW_TOKENS} new tokens; Llama-3.2-1B shape, bf16, "
+        f"page size {args.page_size}"
     )
     print("| system | s (median of 3) | output tok/s | steps | x plain | same tokens |")
     print("|---|---|---|---|---|---|")

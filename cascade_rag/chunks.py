@@ -679,7 +679,7 @@ def _new_chunk(
 
 def _check_same_tokens(held: Chunk, ids: tuple[int, ...]) -> None:
     """A hash hit is confirmed by comparing the tokens (docs/design.md rule 1)."""
-    if held.token_ids != ids:
+    if held.token_ids is not ids and held.token_ids != ids:
         raise RuntimeError(
             f"chunk hash collision: id {held.id} is held for {len(held)} tokens "
             f"{held.token_ids[:8]}... and was computed for different {len(ids)} tokens "

@@ -591,7 +591,7 @@ class CascadeEngine:
             raise TypeError(f"sampling must be SamplingParams, got {type(params).__name__}")
         params.check_vocab(self.vocab_size)
         prepared = self._prepare(prompt)
-        n = len(prepared.token_ids)
+        n = prepared.num_chunk_tokens + len(prepared.tail_ids)  # no list of every token
         if n >= self.max_model_len:
             raise ValueError(
                 f"prompt has {n} tokens but the model's context is {self.max_model_len}; "

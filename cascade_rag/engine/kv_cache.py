@@ -266,7 +266,8 @@ class ChunkKVCache:
     def lookup(self, parent: ChunkNode, chunk: Chunk) -> ChunkNode | None:
         node = parent.children.get(chunk.id)
         if node is not None:
-            if node.chunk.token_ids != chunk.token_ids:  # a caller's chunk, not an invariant
+            held = node.chunk  # the same object (a registry's chunk): nothing to compare
+            if held is not chunk and held.token_ids != chunk.token_ids:  # a caller's chunk
                 raise ValueError(
                     f"chunk id collision: {chunk.id!r} is cached for {len(node.chunk)} other "
                     f"tokens than the {len(chunk)} given; build chunks with the engine's "

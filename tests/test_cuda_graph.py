@@ -179,6 +179,60 @@ def test_graph_attention_matches_torch_backend(graph_attention, page_size, piece
     assert kinds == ({False} if short is None else {True, False})
 
 
+@pytest.mark.parametrize("page_size,pieces", [(1, 1), (4, 3)])
+def test_fused_rope_equals_rope_then_forward(graph_attention, page_size, pieces):
+    """`rope_and_attend` (RoPE, the parts' query copies and the KV append in one pass) on
+    rows not rotated yet gives what the model's own RoPE followed by `forward` gives: the
+    same output and the same cache, for steps with 0-3 shared levels; q, k and v (views of
+    one projection, as in the model) are left as they were."""
+    from cascade_rag.attention.rope_append import rope_append_reference
+    from cascade_rag.models.llama import TorchKernels
+
+    rng = random.Random(7 + pieces)
+    num_pages, b = 600, 48
+    kw = dict(max_pages_per_seq=500, shared_pieces=pieces, short_last_tokens=40)
+    fused = graph_attention.DecodeGraphAttention(
+        HQ, HK, D, page_size, torch.float32, "cpu", b, 3, num_pages, 0, torch.empty(0),
+        fused_rope=True, **kw,
+    )  # fmt: skip
+    plain = graph_attention.DecodeGraphAttention(
+        HQ, HK, D, page_size, torch.float32, "cpu", b, 3, num_pages, 0, torch.empty(0), **kw
+    )  # fmt: skip
+    assert plain.rope_and_attend is None, "no fused RoPE on the CPU unless asked"
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D)
+    angles = torch.arange(900).float()[:, None] * inv_freq
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)  # [positions, D]
+    seen = set()
+    for step, (n, max_levels) in enumerate([(37, 1), (48, 2), (20, 4), (45, 3)]):
+        views, slots = _decode_step(rng, n, page_size, num_pages)
+        meta = _metadata(views, slots, page_size, max_levels)
+        seen.add(len(meta.levels) - 1)
+        for attn in (fused, plain):
+            attn.plan(meta)
+        g = torch.Generator().manual_seed(step)
+        qkv = torch.randn(b, HQ + 2 * HK, D, generator=g)
+        q, k, v = qkv[:, :HQ], qkv[:, HQ : HQ + HK], qkv[:, HQ + HK :]
+        positions = torch.randint(0, 900, (b,), generator=g)
+        k_cache, v_cache = _caches(num_pages, page_size, step)
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        before = qkv.clone()
+        out = fused.rope_and_attend(positions, cos_sin, q, k, v, k_cache, v_cache).clone()
+        assert torch.equal(qkv, before), "the fused op rotated its inputs in place"
+        q2, k2 = q.clone(), k.clone()
+        TorchKernels().rope_(positions, q2, k2, cos_sin)
+        want = plain.forward(q2, k2, v, k_ref, v_ref)
+        assert torch.equal(out[:n], want[:n]), f"step {step}"
+        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref), f"step {step}"
+    assert seen == {0, 1, 2, 3}
+    # the reference writes every copy of the rotated rows
+    q_out = torch.zeros(3 * 4, HQ, D)
+    kc, vc = torch.zeros(2, 4, HK, D), torch.zeros(2, 4, HK, D)
+    q, k, v = (torch.randn(4, h, D) for h in (HQ, HK, HK))
+    rope_append_reference(q, k, v, torch.arange(4), cos_sin, q_out, 3, kc, vc, torch.arange(4))
+    assert torch.equal(q_out[:4], q_out[4:8]) and torch.equal(q_out[:4], q_out[8:])
+    assert torch.equal(vc.view(-1, HK, D)[:4], v) and torch.equal(q_out[0, :, 0], q[0, :, 0])
+
+
 @pytest.mark.parametrize("short", [64, None])
 def test_last_level_plan_is_kept_while_page_counts_stay(graph_attention, short):
     """The CUDA-core last level (short) is planned again only when a step's page counts

@@ -42,6 +42,10 @@ of `batch_size` rows; a step of n <= batch_size sequences (one query row each) i
 - New K/V: one `append_paged_kv_cache` call writes k and v, addressing the whole pool as a
   single page list (page i at index i) with each row's slot as its position; padded rows write
   the scratch slot.
+- Fused RoPE (`rope_and_attend`, on CUDA with Triton): the model hands q and k before RoPE,
+  and one kernel (attention/rope_append.py) rotates them, writes the rotated query rows once
+  per part (so no separate copy for the parts) and appends k and v at the rows' slots; then
+  the levels run as in `forward`.
 
 `plan` runs FlashInfer's planners on the host and copies the step's index arrays into the
 buffers (once per step); `forward` (once per layer) launches kernels only: no host reads, no
@@ -62,6 +66,7 @@ import flashinfer
 import numpy as np
 import torch
 
+from cascade_rag.attention import rope_append as _rope_append
 from cascade_rag.attention.merge import merge_blocks
 from cascade_rag.attention.metadata import AttentionMetadata, CascadeLevel
 
@@ -187,6 +192,9 @@ class DecodeGraphAttention:
             runs the short-level wrapper; None: every step runs the long-level one.
         short_last_kernel: the short-level wrapper's kernel: "decode" (CUDA cores) or
             "prefill" (tensor cores, split-KV off).
+        fused_rope: offer `rope_and_attend` (RoPE, the parts' query copies and the KV append
+            in one kernel, attention/rope_append.py), which the model then calls instead of
+            its own RoPE and `forward`; None: on CUDA where Triton is installed.
 
     Example:
         >>> attn = DecodeGraphAttention(32, 8, 64, 16, torch.bfloat16, "cuda", 48, 2,
@@ -214,6 +222,7 @@ class DecodeGraphAttention:
         shared_pieces: int | None = None,
         short_last_tokens: int | None = 512,
         short_last_kernel: str = "decode",
+        fused_rope: bool | None = None,
     ) -> None:
         if num_pages * page_size >= 2**31:
             raise ValueError(
@@ -285,6 +294,14 @@ class DecodeGraphAttention:
         if p > 1:
             shape = (p * b, num_qo_heads, head_dim)
             self._q_rep = torch.empty(shape, dtype=dtype, device=self.device)
+        if fused_rope is None:
+            fused_rope = self.device.type == "cuda" and _rope_append.triton is not None
+        # the model calls this, when set, instead of rotating q and k and calling `forward`
+        self.rope_and_attend = self._rope_and_attend if fused_rope else None
+        self._q_rot = None  # rotated query rows of `rope_and_attend` (block 0 of the copies)
+        if fused_rope:
+            q_rows = self._q_rep if p > 1 else torch.empty_like(self._out)
+            self._q_rot = q_rows
         e = self.max_shared_entries * p
 
         self._shared: list[_SharedLevel] = []
@@ -555,6 +572,29 @@ class DecodeGraphAttention:
             self._append_indptr,
             self._append_last_len,
         )
+        return self._attend(q, kv_cache, repeated=False)
+
+    def _rope_and_attend(
+        self,
+        positions: torch.Tensor,  # [batch_size] int
+        cos_sin: torch.Tensor,  # [max_positions, head_dim] float32: cos, then sin
+        q: torch.Tensor,  # [batch_size, num_qo_heads, head_dim], not rotated
+        k: torch.Tensor,  # [batch_size, num_kv_heads, head_dim], not rotated
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:  # [batch_size, num_qo_heads, head_dim]
+        """`forward` of q and k not rotated yet: RoPE at `positions`, the query copies of
+        the shared parts and the KV append in one kernel (`rope_append`), then attention."""
+        copies = self.pieces if self.num_shared and self.pieces > 1 else 1
+        _rope_append.rope_append(
+            q, k, v, positions, cos_sin, self._q_rot, copies, k_cache, v_cache, self.slots
+        )
+        return self._attend(self._q_rot[: self.batch_size], (k_cache, v_cache), copies > 1)
+
+    def _attend(self, q: torch.Tensor, kv_cache, repeated: bool) -> torch.Tensor:
+        """Attention of the rotated query rows `q` over the levels; `repeated`: `_q_rep`
+        already holds their copies for the parts."""
         decode = self._decodes[self.short]
         if not self.num_shared:
             return decode.run(q, kv_cache, out=self._out)
@@ -563,7 +603,8 @@ class DecodeGraphAttention:
         q_l = q
         if p > 1:
             q_l = self._q_rep
-            q_l.view(p, *q.shape).copy_(q.unsqueeze(0).expand(p, *q.shape))
+            if not repeated:
+                q_l.view(p, *q.shape).copy_(q.unsqueeze(0).expand(p, *q.shape))
         for level in self._shared[: self.num_shared]:
             out_l, lse_l = level.wrapper.run(
                 q_l, kv_cache, out=level.out, lse=level.lse, return_lse=True

@@ -261,9 +261,13 @@ class LlamaAttention(nn.Module):
             q = kernels.rms_norm(q.reshape(n * hq, d), self.q_norm.weight, self.q_norm.eps)
             k = kernels.rms_norm(k.reshape(n * hk, d), self.k_norm.weight, self.k_norm.eps)
             q, k = q.view(n, hq, d), k.view(n, hk, d)
-        kernels.rope_(positions, q, k, cos_sin)
         k_cache, v_cache = kv_cache
-        out = attn.forward(q, k, v, k_cache, v_cache)
+        rope_and_attend = getattr(attn, "rope_and_attend", None)  # a decode graph's fused op
+        if rope_and_attend is not None:
+            out = rope_and_attend(positions, cos_sin, q, k, v, k_cache, v_cache)
+        else:
+            kernels.rope_(positions, q, k, cos_sin)
+            out = attn.forward(q, k, v, k_cache, v_cache)
         return self.o_proj(out.reshape(n, hq * d))
 
 

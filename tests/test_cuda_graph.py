@@ -179,12 +179,13 @@ def test_graph_attention_matches_torch_backend(graph_attention, page_size, piece
     assert kinds == ({False} if short is None else {True, False})
 
 
-@pytest.mark.parametrize("page_size,pieces", [(1, 1), (4, 3)])
-def test_fused_rope_equals_rope_then_forward(graph_attention, page_size, pieces):
+@pytest.mark.parametrize("page_size,pieces,short_rows", [(1, 1, None), (4, 3, None), (4, 1, 70)])
+def test_fused_rope_equals_rope_then_forward(graph_attention, page_size, pieces, short_rows):
     """`rope_and_attend` (RoPE, the parts' query copies and the KV append in one pass) on
     rows not rotated yet gives what the model's own RoPE followed by `forward` gives: the
     same output and the same cache, for steps with 0-3 shared levels; q, k and v (views of
-    one projection, as in the model) are left as they were."""
+    one projection, as in the model) are left as they were. With `short_rows` the short
+    last level is planned for more rows than the bucket's 48 (the rest read scratch)."""
     from cascade_rag.attention.rope_append import rope_append_reference
     from cascade_rag.models.llama import TorchKernels
 
@@ -193,7 +194,7 @@ def test_fused_rope_equals_rope_then_forward(graph_attention, page_size, pieces)
     kw = dict(max_pages_per_seq=500, shared_pieces=pieces, short_last_tokens=40)
     fused = graph_attention.DecodeGraphAttention(
         HQ, HK, D, page_size, torch.float32, "cpu", b, 3, num_pages, 0, torch.empty(0),
-        fused_rope=True, **kw,
+        fused_rope=True, short_last_rows=short_rows, **kw,
     )  # fmt: skip
     plain = graph_attention.DecodeGraphAttention(
         HQ, HK, D, page_size, torch.float32, "cpu", b, 3, num_pages, 0, torch.empty(0), **kw
@@ -224,6 +225,7 @@ def test_fused_rope_equals_rope_then_forward(graph_attention, page_size, pieces)
         assert torch.equal(out[:n], want[:n]), f"step {step}"
         assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref), f"step {step}"
     assert seen == {0, 1, 2, 3}
+    assert fused._decodes[True]._fixed == (short_rows or b)  # the stand-in's fixed batch
     # the reference writes every copy of the rotated rows
     q_out = torch.zeros(3 * 4, HQ, D)
     kc, vc = torch.zeros(2, 4, HK, D), torch.zeros(2, 4, HK, D)

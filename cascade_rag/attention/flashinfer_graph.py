@@ -192,6 +192,12 @@ class DecodeGraphAttention:
             runs the short-level wrapper; None: every step runs the long-level one.
         short_last_kernel: the short-level wrapper's kernel: "decode" (CUDA cores) or
             "prefill" (tensor cores, split-KV off).
+        short_last_rows: rows the short-level wrapper (CUDA-core decode kernel) is planned
+            for, at least `batch_size` (the rows after the step's read one scratch slot each).
+            FlashInfer splits the keys of that kernel in graph mode, and so merges the splits,
+            unless rows x KV heads reach its grid size (SMs x CTAs per SM); padding the rows
+            to that many removes the merge. Used only with `fused_rope` (the query rows then
+            sit in a buffer of that many rows). None: `batch_size`.
         fused_rope: offer `rope_and_attend` (RoPE, the parts' query copies and the KV append
             in one kernel, attention/rope_append.py), which the model then calls instead of
             its own RoPE and `forward`; None: on CUDA where Triton is installed.
@@ -222,6 +228,7 @@ class DecodeGraphAttention:
         shared_pieces: int | None = None,
         short_last_tokens: int | None = 512,
         short_last_kernel: str = "decode",
+        short_last_rows: int | None = None,
         fused_rope: bool | None = None,
     ) -> None:
         if num_pages * page_size >= 2**31:
@@ -259,13 +266,21 @@ class DecodeGraphAttention:
         self._short_no_split = short_last_kernel == "prefill"
         self.max_shared_entries = shared_entry_capacity(b, group)
         per_seq = min(max_pages_per_seq or num_pages, num_pages)
+        if fused_rope is None:
+            fused_rope = self.device.type == "cuda" and _rope_append.triton is not None
+        # rows each last-level wrapper is planned for (see short_last_rows)
+        short_rows = b
+        if fused_rope and short_last_tokens is not None and short_last_kernel == "decode":
+            short_rows = max(b, short_last_rows or b)
+        self._rows = {False: b, True: short_rows}
         self.max_indices = b * per_seq + b  # + one scratch page per padded row
         i32 = dict(dtype=torch.int32, device=self.device)
-        self._decode_indptr = torch.zeros(b + 1, **i32)
-        self._decode_indices = torch.zeros(self.max_indices, **i32)
-        self._decode_last_len = torch.zeros(b, **i32)
+        self._decode_indptr = torch.zeros(short_rows + 1, **i32)
+        self._decode_indices = torch.zeros(self.max_indices + short_rows - b, **i32)
+        self._decode_last_len = torch.zeros(short_rows, **i32)
         # False: the long-level wrapper; True (made only with short_last_tokens): the short one.
-        # Both read the same buffers; a step plans and runs one of them.
+        # Both read the same buffers (the long one their first rows); a step plans and runs
+        # one of them.
         tensor_cores = {False: group >= 4, True: short_last_kernel == "prefill"}
         self._decodes = {
             short: flashinfer.BatchDecodeWithPagedKVCacheWrapper(
@@ -273,9 +288,9 @@ class DecodeGraphAttention:
                 "NHD",
                 use_cuda_graph=True,
                 use_tensor_cores=tensor_cores[short],
-                paged_kv_indptr_buffer=self._decode_indptr,
+                paged_kv_indptr_buffer=self._decode_indptr[: self._rows[short] + 1],
                 paged_kv_indices_buffer=self._decode_indices,
-                paged_kv_last_page_len_buffer=self._decode_last_len,
+                paged_kv_last_page_len_buffer=self._decode_last_len[: self._rows[short]],
             )
             for short in ((False,) if short_last_tokens is None else (False, True))
         }
@@ -287,21 +302,18 @@ class DecodeGraphAttention:
         self._decode_planned: dict[bool, tuple[np.ndarray, torch.Tensor]] = {}
         self.num_decode_plans = 0  # FlashInfer plans of the last level (kept plans not counted)
         # outputs in static buffers: no allocation (or zero fill) inside a graph
-        self._out = torch.empty(b, num_qo_heads, head_dim, dtype=dtype, device=self.device)
-        self._lse = torch.empty(b, num_qo_heads, dtype=torch.float32, device=self.device)
-        # the query rows repeated once per part
-        self._q_rep = None
-        if p > 1:
-            shape = (p * b, num_qo_heads, head_dim)
-            self._q_rep = torch.empty(shape, dtype=dtype, device=self.device)
-        if fused_rope is None:
-            fused_rope = self.device.type == "cuda" and _rope_append.triton is not None
+        heads = (num_qo_heads, head_dim)
+        self._out = torch.empty(short_rows, *heads, dtype=dtype, device=self.device)
+        self._lse = torch.empty(short_rows, num_qo_heads, dtype=torch.float32, device=self.device)
         # the model calls this, when set, instead of rotating q and k and calling `forward`
         self.rope_and_attend = self._rope_and_attend if fused_rope else None
-        self._q_rot = None  # rotated query rows of `rope_and_attend` (block 0 of the copies)
-        if fused_rope:
-            q_rows = self._q_rep if p > 1 else torch.empty_like(self._out)
-            self._q_rot = q_rows
+        # the query rows repeated once per part (`rope_and_attend` writes its rotated rows
+        # there too: block 0, then the copies; rows after them are read by padding only)
+        rows = max(p * b if p > 1 else 0, b if fused_rope else 0, short_rows)
+        self._q_rot = None
+        if rows:  # zeros: rows nothing writes are read as finite queries of padded rows
+            self._q_rot = torch.zeros(rows, *heads, dtype=dtype, device=self.device)
+        self._q_rep = self._q_rot[: p * b] if p > 1 else None
         e = self.max_shared_entries * p
 
         self._shared: list[_SharedLevel] = []
@@ -462,6 +474,7 @@ class DecodeGraphAttention:
         common = dict(pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype)
         pad = self.batch_size - layout.num_rows
         self._plan_last_level(layout, common)
+        pad += self._rows[layout.short] - self.batch_size
         if pad:  # the padded rows' scratch pages follow the real page lists
             start = int(layout.kv_indptr[layout.num_rows])
             self._decode_indices[start : start + pad].fill_(self.scratch_page)
@@ -493,10 +506,16 @@ class DecodeGraphAttention:
     def _plan_last_level(self, layout: DecodeLayout, common: dict) -> None:
         """Plan the last level's wrapper, or keep its plan (see `_plan_by_pages`)."""
         short = layout.short
+        kv_indptr, last_len = layout.kv_indptr, layout.kv_last_page_len
+        extra = self._rows[short] - self.batch_size
+        if extra:  # rows after the bucket's: one scratch slot each
+            kv_indptr = np.concatenate([kv_indptr, kv_indptr[-1] + np.arange(1, extra + 1)])
+            kv_indptr = kv_indptr.astype(np.int32)
+            last_len = np.concatenate([last_len, np.ones(extra, np.int32)])
         kept = self._decode_planned.get(short)
-        if kept is not None and np.array_equal(kept[0], layout.kv_indptr):
-            self._decode_last_len.copy_(
-                torch.from_numpy(layout.kv_last_page_len), non_blocking=True
+        if kept is not None and np.array_equal(kept[0], kv_indptr):
+            self._decode_last_len[: len(last_len)].copy_(
+                torch.from_numpy(last_len), non_blocking=True
             )
             if kept[1] is not layout.kv_indices:  # new page ids, same counts
                 self._decode_indices[: len(layout.kv_indices)].copy_(
@@ -506,9 +525,9 @@ class DecodeGraphAttention:
             return
         self._decode_planned.clear()  # the wrappers share the buffers this plan rewrites
         self._decodes[short].plan(
-            torch.from_numpy(layout.kv_indptr),
+            torch.from_numpy(kv_indptr),
             layout.kv_indices,  # host or device: the plan copies them into the buffer
-            torch.from_numpy(layout.kv_last_page_len),
+            torch.from_numpy(last_len),
             self.num_qo_heads,
             self.num_kv_heads,
             self.head_dim,
@@ -518,7 +537,7 @@ class DecodeGraphAttention:
         )
         self.num_decode_plans += 1
         if self._plan_by_pages[short]:
-            self._decode_planned[short] = (layout.kv_indptr.copy(), layout.kv_indices)
+            self._decode_planned[short] = (kv_indptr.copy(), layout.kv_indices)
 
     def plan_dummy(self, num_shared: int, short: bool = False) -> None:
         """Plan a step in which every row is padding (for capturing: all reads and writes go
@@ -590,15 +609,19 @@ class DecodeGraphAttention:
         _rope_append.rope_append(
             q, k, v, positions, cos_sin, self._q_rot, copies, k_cache, v_cache, self.slots
         )
-        return self._attend(self._q_rot[: self.batch_size], (k_cache, v_cache), copies > 1)
+        return self._attend(self._q_rot, (k_cache, v_cache), copies > 1)
 
     def _attend(self, q: torch.Tensor, kv_cache, repeated: bool) -> torch.Tensor:
-        """Attention of the rotated query rows `q` over the levels; `repeated`: `_q_rep`
+        """Attention of the rotated query rows `q` (its first `batch_size` rows; a last-level
+        wrapper planned for more rows reads as many) over the levels; `repeated`: `_q_rep`
         already holds their copies for the parts."""
+        b, rows = self.batch_size, self._rows[self.short]
         decode = self._decodes[self.short]
+        q_dec, out_dec, lse_dec = q[:rows], self._out[:rows], self._lse[:rows]
         if not self.num_shared:
-            return decode.run(q, kv_cache, out=self._out)
-        out, lse = decode.run(q, kv_cache, out=self._out, lse=self._lse, return_lse=True)
+            return decode.run(q_dec, kv_cache, out=out_dec)[:b]
+        decode.run(q_dec, kv_cache, out=out_dec, lse=lse_dec, return_lse=True)
+        out, lse, q = self._out[:b], self._lse[:b], q[:b]
         p = self.pieces
         q_l = q
         if p > 1:

@@ -235,6 +235,20 @@ def test_fused_rope_equals_rope_then_forward(graph_attention, page_size, pieces,
     assert torch.equal(vc.view(-1, HK, D)[:4], v) and torch.equal(q_out[0, :, 0], q[0, :, 0])
 
 
+@pytest.mark.parametrize("padded,split,want", [(100, 1, 100), (264, 1, 48), (100, 0, 48)])
+def test_short_last_rows_come_from_the_planner(graph_attention, monkeypatch, padded, split, want):
+    """With fused RoPE the short last level is planned for the rows FlashInfer's split plan
+    pads to (its grid size / KV heads), read back from a probe plan, unless that is over
+    2.5x the bucket or the plan does not split; the stand-in plays the plan's info."""
+    info = [padded, 0, 0, 0, 0, 0, 0, 0, 1, split]
+    cls = graph_attention.flashinfer.BatchDecodeWithPagedKVCacheWrapper
+    monkeypatch.setattr(cls, "_plan_info", info, raising=False)
+    attn = graph_attention.DecodeGraphAttention(
+        HQ, HK, D, 4, torch.float32, "cpu", 48, 1, 300, 0, torch.empty(0), fused_rope=True
+    )  # fmt: skip
+    assert attn._decodes[True]._fixed == want and attn._decodes[False]._fixed == 48
+
+
 @pytest.mark.parametrize("short", [64, None])
 def test_last_level_plan_is_kept_while_page_counts_stay(graph_attention, short):
     """The CUDA-core last level (short) is planned again only when a step's page counts

@@ -125,6 +125,47 @@ def piece_bounds(num_pages: np.ndarray, pieces: int) -> np.ndarray:
     return (num_pages[:, None] * j[None, :]) // pieces
 
 
+def unsplit_decode_rows(
+    workspace: torch.Tensor,
+    batch_size: int,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    scratch_page: int,
+) -> int:
+    """Rows from which FlashInfer's graph-mode plan of its CUDA-core decode kernel stops
+    splitting keys: it splits (and merges the splits) while rows x KV heads is below its grid
+    size, SMs x CTAs per SM, and then pads a split plan to grid size / KV heads rows, which is
+    what this reads back from a plan of `batch_size` one-slot rows. `batch_size` if the plan
+    does not split, or says nothing readable.
+    """
+    i32 = dict(dtype=torch.int32, device=device)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace,
+        "NHD",
+        use_cuda_graph=True,
+        paged_kv_indptr_buffer=torch.zeros(batch_size + 1, **i32),
+        paged_kv_indices_buffer=torch.zeros(batch_size, **i32),
+        paged_kv_last_page_len_buffer=torch.zeros(batch_size, **i32),
+    )
+    wrapper.plan(
+        torch.arange(batch_size + 1, dtype=torch.int32),
+        torch.full((batch_size,), scratch_page, dtype=torch.int32),
+        torch.ones(batch_size, dtype=torch.int32),
+        num_qo_heads, num_kv_heads, head_dim, page_size,
+        pos_encoding_mode="NONE", q_data_type=dtype, kv_data_type=dtype,
+    )  # fmt: skip
+    try:  # FlashInfer 0.7's DecodePlanInfo: [padded_batch_size, ..., split_kv] (10 values)
+        info = [int(x) for x in wrapper._plan_info]
+        padded, split = info[0], bool(info[9])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return batch_size
+    return max(batch_size, padded) if split else batch_size
+
+
 def _host(x: torch.Tensor) -> np.ndarray:
     return x.detach().to("cpu", torch.int64).numpy()
 
@@ -197,7 +238,9 @@ class DecodeGraphAttention:
             FlashInfer splits the keys of that kernel in graph mode, and so merges the splits,
             unless rows x KV heads reach its grid size (SMs x CTAs per SM); padding the rows
             to that many removes the merge. Used only with `fused_rope` (the query rows then
-            sit in a buffer of that many rows). None: `batch_size`.
+            sit in a buffer of that many rows). None: the rows FlashInfer's planner asks for
+            (`unsplit_decode_rows`) where that is at most 2.5 x `batch_size` (smaller buckets
+            keep the split: it is their parallelism), else `batch_size`; 0: `batch_size`.
         fused_rope: offer `rope_and_attend` (RoPE, the parts' query copies and the KV append
             in one kernel, attention/rope_append.py), which the model then calls instead of
             its own RoPE and `forward`; None: on CUDA where Triton is installed.
@@ -271,6 +314,12 @@ class DecodeGraphAttention:
         # rows each last-level wrapper is planned for (see short_last_rows)
         short_rows = b
         if fused_rope and short_last_tokens is not None and short_last_kernel == "decode":
+            if short_last_rows is None:
+                want = unsplit_decode_rows(
+                    workspace, b, num_qo_heads, num_kv_heads, head_dim, page_size, dtype,
+                    self.device, scratch_page,
+                )  # fmt: skip
+                short_last_rows = want if want <= 2.5 * b else b
             short_rows = max(b, short_last_rows or b)
         self._rows = {False: b, True: short_rows}
         self.max_indices = b * per_seq + b  # + one scratch page per padded row

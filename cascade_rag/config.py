@@ -76,6 +76,11 @@ class EngineConfig:
             tokens of their own beyond the shared levels runs FlashInfer's CUDA-core decode
             kernel for them (faster there on the H200 than the tensor-core kernel that long
             ones use); None: always the tensor-core kernel.
+        cuda_graph_fused_rope: inside the graphs, RoPE, the shared parts' query copies and
+            the KV append run as one Triton kernel (attention/rope_append.py), and the short
+            last level is planned for as many rows as keep FlashInfer from splitting its keys
+            (no split-KV merge). Off by default: tested on the CPU (PyTorch reference, stand-in
+            FlashInfer) but not yet run on a GPU.
         overlap: prepare and launch each step before reading the previous step's sampled
             tokens, so host work runs while the device computes (one step of lookahead;
             outputs are the same). None: the engine's default for the device
@@ -118,6 +123,7 @@ class EngineConfig:
     cuda_graph_capture: str = "lazy"
     cuda_graph_shared_pieces: int | None = None
     cuda_graph_short_last_tokens: int | None = 512
+    cuda_graph_fused_rope: bool = False
     overlap: bool | None = None
 
     def __post_init__(self) -> None:
@@ -181,6 +187,10 @@ class EngineConfig:
             _int_in("cuda_graph_shared_pieces", self.cuda_graph_shared_pieces, 1, 64)
         if self.cuda_graph_short_last_tokens is not None:
             _int_in("cuda_graph_short_last_tokens", self.cuda_graph_short_last_tokens, 0, 1 << 20)
+        if not isinstance(self.cuda_graph_fused_rope, bool):
+            raise TypeError(
+                f"cuda_graph_fused_rope must be True or False, got {self.cuda_graph_fused_rope!r}"
+            )
         if self.overlap is not None and not isinstance(self.overlap, bool):
             raise TypeError(f"overlap must be True, False or None, got {self.overlap!r}")
         if self.cascade and self.max_cascade_levels < 2:

@@ -199,7 +199,7 @@ def test_fused_rope_equals_rope_then_forward(graph_attention, page_size, pieces,
     plain = graph_attention.DecodeGraphAttention(
         HQ, HK, D, page_size, torch.float32, "cpu", b, 3, num_pages, 0, torch.empty(0), **kw
     )  # fmt: skip
-    assert plain.rope_and_attend is None, "no fused RoPE on the CPU unless asked"
+    assert plain.rope_and_attend is None, "no fused RoPE unless asked"
     inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D)
     angles = torch.arange(900).float()[:, None] * inv_freq
     cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)  # [positions, D]
@@ -500,6 +500,9 @@ def test_config_fields():
     config = EngineConfig(cuda_graph_shared_pieces=4, cuda_graph_short_last_tokens=None)
     assert (config.cuda_graph_shared_pieces, config.cuda_graph_short_last_tokens) == (4, None)
     assert EngineConfig().cuda_graph_short_last_tokens == 512
+    assert EngineConfig().cuda_graph_fused_rope is False
+    with pytest.raises(TypeError, match="cuda_graph_fused_rope"):
+        EngineConfig(cuda_graph_fused_rope=1)
     with pytest.raises(ValueError, match="cuda_graph_shared_pieces"):
         EngineConfig(cuda_graph_shared_pieces=0)
     with pytest.raises(TypeError, match="cuda_graph_short_last_tokens"):

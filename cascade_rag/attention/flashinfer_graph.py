@@ -42,7 +42,7 @@ of `batch_size` rows; a step of n <= batch_size sequences (one query row each) i
 - New K/V: one `append_paged_kv_cache` call writes k and v, addressing the whole pool as a
   single page list (page i at index i) with each row's slot as its position; padded rows write
   the scratch slot.
-- Fused RoPE (`rope_and_attend`, on CUDA with Triton): the model hands q and k before RoPE,
+- Fused RoPE (`rope_and_attend`, with `fused_rope`): the model hands q and k before RoPE,
   and one kernel (attention/rope_append.py) rotates them, writes the rotated query rows once
   per part (so no separate copy for the parts) and appends k and v at the rows' slots; then
   the levels run as in `forward`.
@@ -243,7 +243,7 @@ class DecodeGraphAttention:
             keep the split: it is their parallelism), else `batch_size`; 0: `batch_size`.
         fused_rope: offer `rope_and_attend` (RoPE, the parts' query copies and the KV append
             in one kernel, attention/rope_append.py), which the model then calls instead of
-            its own RoPE and `forward`; None: on CUDA where Triton is installed.
+            its own RoPE and `forward`.
 
     Example:
         >>> attn = DecodeGraphAttention(32, 8, 64, 16, torch.bfloat16, "cuda", 48, 2,
@@ -272,7 +272,7 @@ class DecodeGraphAttention:
         short_last_tokens: int | None = 512,
         short_last_kernel: str = "decode",
         short_last_rows: int | None = None,
-        fused_rope: bool | None = None,
+        fused_rope: bool = False,
     ) -> None:
         if num_pages * page_size >= 2**31:
             raise ValueError(
@@ -309,8 +309,6 @@ class DecodeGraphAttention:
         self._short_no_split = short_last_kernel == "prefill"
         self.max_shared_entries = shared_entry_capacity(b, group)
         per_seq = min(max_pages_per_seq or num_pages, num_pages)
-        if fused_rope is None:
-            fused_rope = self.device.type == "cuda" and _rope_append.triton is not None
         # rows each last-level wrapper is planned for (see short_last_rows)
         short_rows = b
         if fused_rope and short_last_tokens is not None and short_last_kernel == "decode":

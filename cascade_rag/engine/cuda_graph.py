@@ -306,6 +306,7 @@ def make_decode_graphs(config, runner) -> DecodeGraphRunner | None:
             batch_size, max(config.levels - 1, 0), pool.num_pages, scratch_page, workspace,
             max_pages_per_seq=max_pages_per_seq, shared_pieces=config.cuda_graph_shared_pieces,
             short_last_tokens=config.cuda_graph_short_last_tokens,
+            fused_rope=config.cuda_graph_fused_rope,
         )  # fmt: skip
 
     return DecodeGraphRunner(

@@ -220,11 +220,15 @@ def _restore(caches, saved):
         v.copy_(v0)
 
 
-@pytest.mark.parametrize("levels", [1, 2, 3, 4])
-def test_decode_graph_replay_equals_eager(llama_dir, levels):
+@pytest.mark.parametrize("levels,fused", [(1, False), (2, False), (3, False), (4, False),
+                                          (1, True), (3, True)])  # fmt: skip
+def test_decode_graph_replay_equals_eager(llama_dir, levels, fused):
+    """With `fused` the graphs run RoPE, the parts' query copies and the KV append as one
+    Triton kernel (cuda_graph_fused_rope)."""
     from transformers import AutoModelForCausalLM
 
     kw = dict(cascade=False) if levels == 1 else dict(max_cascade_levels=levels)
+    kw.update(cuda_graph_fused_rope=fused)
     if levels == 1:  # capture all buckets at start
         kw.update(cuda_graph_capture="warm", cuda_graph_max_batch=48)
     with CascadeEngine(

@@ -5,6 +5,9 @@ model is never run).
 Cases: 128 `PreparedPrompt`s over one registered 8,192-token chunk plus a 32-token question
 each, and 64 `Composition`s over 4 of 8 registered ~600-token text passages. A request that
 reuses registered chunk objects should cost its own tokens, not a pass over every chunk token.
+Then, in the engine: milliseconds from `generate` on the 128 prepared prompts to the engine's
+first step (validation, registration, `add_request` on the engine thread), and the first
+step's `schedule()` (admission of all 128: cache lookups, pages, block-table rows); median of 7.
 
     python bench/bench_admission.py
 """
@@ -12,6 +15,7 @@ reuses registered chunk objects should cost its own tokens, not a pass over ever
 from __future__ import annotations
 
 import random
+import statistics
 import tempfile
 import time
 
@@ -29,6 +33,38 @@ def ms_per_request(engine: CascadeEngine, prompts: list, params: SamplingParams)
     start = time.perf_counter()
     engine._make_requests([(p, params, None) for p in prompts], stream_text=False)
     return (time.perf_counter() - start) * 1000 / len(prompts)
+
+
+def engine_admission_ms(engine: CascadeEngine, make_prompts, runs: int = 7) -> tuple:
+    """Median ms from `generate` to the first core step, and of that step's `schedule()`."""
+    core = engine._core
+    step, schedule = core.step, core.scheduler.schedule
+    starts, schedules = [], []
+
+    def timed_step():
+        starts.append(time.perf_counter())
+        return step()
+
+    def timed_schedule():
+        t = time.perf_counter()
+        plan = schedule()
+        schedules.append(time.perf_counter() - t)
+        return plan
+
+    core.step, core.scheduler.schedule = timed_step, timed_schedule
+    to_first, first_schedule = [], []
+    try:
+        for _ in range(runs):
+            prompts = make_prompts()
+            starts.clear()
+            schedules.clear()
+            t0 = time.perf_counter()
+            engine.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
+            to_first.append(starts[0] - t0)
+            first_schedule.append(schedules[0])
+    finally:
+        core.step, core.scheduler.schedule = step, schedule
+    return statistics.median(to_first) * 1e3, statistics.median(first_schedule) * 1e3
 
 
 def main() -> None:
@@ -61,6 +97,15 @@ def main() -> None:
               f"{ms_per_request(engine, prepared, params):.3f}")  # fmt: skip
         print(f"  64 compositions over 4 registered passages:      "
               f"{ms_per_request(engine, comps, params):.3f}")  # fmt: skip
+        engine.generate(prepared[:1], params)  # the chunk's KV cached
+
+        def questions():
+            return [PreparedPrompt((context,), tuple(rng.randrange(10, vocab) for _ in range(32)))
+                    for _ in range(128)]  # fmt: skip
+
+        to_first, first_schedule = engine_admission_ms(engine, questions)
+        print(f"engine, 128 prepared prompts: generate -> first step {to_first:.1f} ms; "
+              f"first schedule() {first_schedule:.1f} ms (median of 7)")  # fmt: skip
         engine.close()
 
 

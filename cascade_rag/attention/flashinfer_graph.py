@@ -356,7 +356,7 @@ class DecodeGraphAttention:
         self.rope_and_attend = self._rope_and_attend if fused_rope else None
         # the query rows repeated once per part (`rope_and_attend` writes its rotated rows
         # there too: block 0, then the copies; rows after them are read by padding only)
-        rows = max(p * b if p > 1 else 0, b if fused_rope else 0, short_rows)
+        rows = max(p * b if p > 1 else 0, short_rows if fused_rope else 0)
         self._q_rot = None
         if rows:  # zeros: rows nothing writes are read as finite queries of padded rows
             self._q_rot = torch.zeros(rows, *heads, dtype=dtype, device=self.device)

@@ -50,6 +50,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos) + (rotate_half(x) * sin)
 
 
+def rotate_from_table(
+    x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> torch.Tensor:
+    """x [rows, heads, d] rotated at `positions` [rows] from the model's float32 table
+    `cos_sin` [max_positions, d] (cos of the angles, then their sin): the halves x1, x2 of a
+    head become x1 cos - x2 sin and x2 cos + x1 sin, computed in float32 (returned so, for
+    the caller to round once). The fused path's RoPE in PyTorch (`TorchKernels.rope_`) and
+    the reference of the fused RoPE + KV append (attention/rope_append.py).
+    """
+    half = cos_sin.shape[-1] // 2
+    table = cos_sin[positions.long()][:, None]  # [rows, 1, d]
+    cos, sin = table[..., :half], table[..., half:]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 def shift_tables(
     deltas: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,12 +6,15 @@ rows once per part of the shared levels (the parts are entries of their own over
 rows), and write k and v into the paged cache (FlashInfer's append). `rope_append` does them
 in one kernel launch that reads q, k and v once: it writes the rotated query rows to `q_out`,
 `copies` times, and the rotated key and the value of each row to that row's KV slot. On the
-H200 the three launches took about 2.1 + 3.9 + 2.5 us per layer at 128 rows.
+H200 at 128 rows the three launches took about 2.1 + 3.9 + 2.5 us per layer (RoPE and append
+from a kernel profile of a whole step, the copy measured alone); this kernel's own time has
+not been measured yet.
 
 The rotation is RoPE's "neox" form over the whole head (the halves x1, x2 of a head become
 x1 cos - x2 sin and x2 cos + x1 sin), computed in float32 from the model's float32 cos/sin
 table (`LlamaModel.cos_sin`: cos of the angles, then their sin) and rounded once to the
-input dtype, as `TorchKernels.rope_` and FlashInfer's kernel compute it.
+input dtype, as `TorchKernels.rope_` computes it (`rope.rotate_from_table`, also this module's
+reference); a GPU test compares it with FlashInfer's RoPE kernel, which the eager path runs.
 
 On CUDA it is a Triton kernel (one program per row, every head at once); elsewhere, and as
 the reference the GPU tests compare it with, the same arithmetic in PyTorch.
@@ -20,6 +23,8 @@ the reference the GPU tests compare it with, the same arithmetic in PyTorch.
 from __future__ import annotations
 
 import torch
+
+from cascade_rag.attention.rope import rotate_from_table
 
 try:  # Triton comes with PyTorch's CUDA builds; the CPU build has none
     import triton
@@ -63,25 +68,15 @@ def rope_append(
     rope_append_reference(q, k, v, positions, cos_sin, q_out, copies, k_cache, v_cache, slots)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-
 def rope_append_reference(q, k, v, positions, cos_sin, q_out, copies, k_cache, v_cache, slots):
     """`rope_append` in PyTorch, on any device."""
     rows = q.shape[0]
-    half = cos_sin.shape[-1] // 2
-    table = cos_sin[positions.long()][:, None]  # [rows, 1, dim]
-    cos, sin = table[..., :half], table[..., half:]
-    q_rot = _rotate(q, cos, sin)
-    q_out[: copies * rows].view(copies, *q.shape).copy_(
-        q_rot.unsqueeze(0).expand(copies, -1, -1, -1)
-    )
+    q_rot = rotate_from_table(q, positions, cos_sin).to(q_out.dtype)
+    q_out[: copies * rows].view(copies, *q.shape).copy_(q_rot.expand(copies, *q.shape))
     kv_heads, dim = k.shape[1:]
     at = slots.long()
-    k_cache.view(-1, kv_heads, dim)[at] = _rotate(k, cos, sin).to(k_cache.dtype)
+    k_rot = rotate_from_table(k, positions, cos_sin)
+    k_cache.view(-1, kv_heads, dim)[at] = k_rot.to(k_cache.dtype)
     v_cache.view(-1, kv_heads, dim)[at] = v.to(v_cache.dtype)
 
 

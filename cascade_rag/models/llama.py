@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cascade_rag.attention import AttentionBackend
-from cascade_rag.attention.rope import apply_rotary
+from cascade_rag.attention.rope import apply_rotary, rotate_from_table
 from cascade_rag.models.config import ModelConfig
 
 
@@ -72,13 +72,8 @@ class TorchKernels:
         return F.silu(gate) * up
 
     def rope_(self, positions, q, k, cos_sin):
-        half = cos_sin.shape[-1] // 2
-        table = cos_sin[positions][:, None]  # [n, 1, d]
-        cos, sin = table[..., :half], table[..., half:]
         for x in (q, k):
-            x1, x2 = x[..., :half].float(), x[..., half:].float()
-            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-            x.copy_(rotated)
+            x.copy_(rotate_from_table(x, positions, cos_sin))
 
 
 class FlashInferKernels:
